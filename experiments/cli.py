@@ -1,0 +1,78 @@
+"""The ``cytofuse`` command: one entry point whose subcommands each stage registers.
+
+Each stage's ``cli.py`` has ``register(subparsers)`` and imports its heavy modules (MindSpore,
+mindcv) only inside the handler, so ``cytofuse --help`` and the data commands stay fast. This module
+lives in ``experiments`` because it is the one package allowed to import every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from cytocore import cli as core_cli
+from cytocore.errors import CytoFuseError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cytofuse",
+        description="Find and classify lung-cancer cells in cytology images (U-Net + EfficientNet, MindSpore).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and MindSpore's own log")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in _stage_cli_modules():
+        module.register(sub)
+    return parser
+
+
+def _stage_cli_modules() -> list:
+    import importlib
+
+    modules = [core_cli]
+    for name in ("segmentation.cli", "classification.cli", "fusion.cli", "experiments.commands"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:  # a stage not built yet must not break the others
+            if exc.name != name:
+                raise
+    return modules
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse and run; return the exit code. Errors the user can fix become one line, not a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s: %(message)s" if not args.verbose else "%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    if args.verbose:
+        os.environ.setdefault("CYTOFUSE_MS_LOG", "1")
+    try:
+        return int(args.handler(args) or 0)
+    except CytoFuseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs are kept; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console-script entry point.
+
+    Ends with ``os._exit`` after flushing: MindSpore's cells raise hundreds of ``Cell.__del__``
+    AttributeErrors during interpreter teardown, which users must not see. Every output file is
+    already written atomically and closed by then, so skipping teardown loses nothing.
+    """
+    code = run(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
