@@ -1,0 +1,276 @@
+"""The one training loop shared by the segmentation stage, the classifier and the baseline.
+
+A stage describes *what* to train as a :class:`TrainTask` (network, loss, batches per epoch,
+validation); this module owns *how*: a compiled (graph-mode) train step, AdamW/Adam with a cosine
+schedule, per-epoch validation, best/last checkpoints, a CSV log, tqdm progress with ETA, a config
+snapshot, and an exact ``resume`` after the process was killed.
+
+Why resume is exact: the optimiser's moments and step counter are saved with the weights in
+``last.ckpt``; the learning rate is a per-step table indexed by that counter; and each epoch's
+batches and augmentations are drawn from an RNG seeded by ``(seed, epoch)``, so epoch *e* sees the
+same data whether or not the process died before it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from . import runtime
+from .atomic import write_json, write_text
+from .errors import CheckpointError
+
+log = logging.getLogger("cytofuse")
+
+PathLike = Union[str, Path]
+Batch = Sequence[np.ndarray]
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule settings (the ``optimizer:`` block of a stage's YAML config)."""
+
+    name: str = "adamw"  # adamw | adam
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.01
+
+
+@dataclass
+class LoopConfig:
+    """How long and how to train (the ``train:`` block)."""
+
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    seed: int = 0
+    monitor: str = "val_dice"
+    monitor_mode: str = "max"  # max | min
+    time_budget_minutes: Optional[float] = None  # stop after the epoch that crosses it
+    progress: bool = True
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+
+    @classmethod
+    def from_dict(cls, train: dict, optimizer: Optional[dict] = None) -> "LoopConfig":
+        known = {f for f in cls.__dataclass_fields__ if f != "optimizer"}
+        unknown = set(train) - known
+        if unknown:
+            raise ValueError(f"unknown train option(s): {', '.join(sorted(unknown))}")
+        opt_known = set(OptimConfig.__dataclass_fields__)
+        opt = dict(optimizer or {})
+        bad = set(opt) - opt_known
+        if bad:
+            raise ValueError(f"unknown optimizer option(s): {', '.join(sorted(bad))}")
+        return cls(**{k: v for k, v in train.items()}, optimizer=OptimConfig(**opt))
+
+
+@dataclass
+class TrainTask:
+    """What a stage hands the loop.
+
+    ``batches(epoch, rng)`` yields tuples ``(inputs, *targets)`` of NumPy arrays, at most
+    ``steps_per_epoch`` of them, deterministic given ``rng``. ``loss_fn(outputs, *targets)`` runs inside
+    the compiled step, so it must be MindSpore-traceable. ``validate(network)`` returns metrics
+    (the monitored one included) computed with the network in eval mode.
+    """
+
+    network: Any
+    loss_fn: Callable[..., Any]
+    batches: Callable[[int, np.random.Generator], Iterable[Batch]]
+    validate: Callable[[Any], dict[str, float]]
+    meta: dict = field(default_factory=dict)  # stored in every checkpoint (architecture, classes...)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_value: Optional[float]
+    minutes: float
+
+
+def lr_table(cfg: LoopConfig) -> np.ndarray:
+    """Per-step learning rates for the whole run (indexed by the optimiser's step counter)."""
+    o = cfg.optimizer
+    total = max(1, cfg.epochs * cfg.steps_per_epoch)
+    steps = np.arange(total, dtype=np.float64)
+    if o.schedule == "constant":
+        lr = np.full(total, o.lr)
+    elif o.schedule == "cosine":
+        lo = o.lr * o.min_lr_ratio
+        lr = lo + 0.5 * (o.lr - lo) * (1 + np.cos(np.pi * steps / total))
+    else:
+        raise ValueError(f"unknown schedule {o.schedule!r} (cosine or constant)")
+    warm = int(round(o.warmup_epochs * cfg.steps_per_epoch))
+    if warm > 0:
+        lr[:warm] *= (steps[:warm] + 1) / warm
+    return lr.astype(np.float32)
+
+
+def make_optimizer(params: list, cfg: LoopConfig) -> Any:
+    import mindspore as ms
+    import mindspore.nn as nn
+
+    lr = ms.Tensor(lr_table(cfg))
+    name = cfg.optimizer.name.lower()
+    if name == "adamw":
+        return nn.AdamWeightDecay(params, learning_rate=lr, weight_decay=cfg.optimizer.weight_decay)
+    if name == "adam":
+        return nn.Adam(params, learning_rate=lr, weight_decay=cfg.optimizer.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer.name!r} (adamw or adam)")
+
+
+def _make_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable:
+    import mindspore as ms
+
+    def forward(inputs, *targets):
+        return loss_fn(network(inputs), *targets)
+
+    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+
+    @ms.jit
+    def step(inputs, *targets):
+        loss, grads = grad_fn(inputs, *targets)
+        optimizer(grads)
+        return loss
+
+    return step
+
+
+def _better(value: float, best: Optional[float], mode: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buf.getvalue())
+
+
+def _snapshot_config(out: Path, config: Optional[dict]) -> None:
+    if config is None:
+        return
+    import yaml
+
+    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def train(
+    task: TrainTask,
+    cfg: LoopConfig,
+    out_dir: PathLike,
+    resume: bool = False,
+    config_snapshot: Optional[dict] = None,
+) -> TrainResult:
+    """Train ``task.network`` in place; write ``best.ckpt``, ``last.ckpt``, ``log.csv``, ``state.json``.
+
+    With ``resume`` and a ``last.ckpt`` in ``out_dir``, training continues after the last finished
+    epoch with the same optimiser state and data order; a finished run returns at once.
+    """
+    import mindspore as ms
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net = task.network
+    optimizer = make_optimizer(net.trainable_params(), cfg)
+    last_path, best_path, state_path = out / "last.ckpt", out / "best.ckpt", out / "state.json"
+    meta = dict(task.meta)
+
+    history: list[dict] = []
+    best: Optional[float] = None
+    start_epoch = 0
+    elapsed_before = 0.0
+    if resume and last_path.exists():
+        params, saved = runtime.load_checkpoint(last_path)
+        runtime.load_into(net, params, last_path, strict=True)
+        runtime.load_into(optimizer, params, last_path, strict=False)
+        state = json.loads(state_path.read_text()) if state_path.exists() else saved.get("loop", {})
+        history = state.get("history", [])
+        best = state.get("best")
+        start_epoch = int(state.get("epoch", -1)) + 1
+        elapsed_before = float(state.get("seconds", 0.0))
+        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.epochs)
+    elif resume:
+        log.info("no %s to resume from: starting a new run", last_path)
+    elif last_path.exists():
+        raise CheckpointError(f"{out}: already holds a run (last.ckpt); pass --resume to continue it or choose another --out")
+    _snapshot_config(out, config_snapshot)
+
+    step = _make_step(net, task.loss_fn, optimizer)
+    lrs = lr_table(cfg)
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.time_budget_minutes is not None and (elapsed_before + time.time() - t0) / 60 >= cfg.time_budget_minutes:
+            log.info("time budget of %.1f min reached before epoch %d", cfg.time_budget_minutes, epoch + 1)
+            break
+        rng = np.random.default_rng([cfg.seed, epoch])
+        runtime.seed_everything(cfg.seed * 1000 + epoch)
+        net.set_train(True)
+        losses: list[float] = []
+        seen = 0
+        t_epoch = time.time()
+        bar = tqdm(total=cfg.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="step")
+        for i, batch in enumerate(task.batches(epoch, rng)):
+            if i >= cfg.steps_per_epoch:
+                break
+            tensors = [ms.Tensor(np.ascontiguousarray(a)) for a in batch]
+            loss = float(step(*tensors).asnumpy())
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1} step {i + 1}; lower optimizer.lr")
+            losses.append(loss)
+            seen += len(batch[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        bar.close()
+        train_seconds = time.time() - t_epoch
+        net.set_train(False)
+        metrics = task.validate(net)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "samples": seen,
+            "samples_per_s": seen / train_seconds if train_seconds > 0 else float("nan"),
+            "lr": float(lrs[min((epoch + 1) * cfg.steps_per_epoch, len(lrs)) - 1]),
+            **{k: float(v) for k, v in metrics.items()},
+            "seconds": time.time() - t_epoch,
+        }
+        history.append(row)
+        value = row.get(cfg.monitor)
+        if value is None and cfg.monitor not in row:
+            raise ValueError(f"validation returned no {cfg.monitor!r} (got {', '.join(metrics)})")
+        improved = _better(value, best, cfg.monitor_mode)
+        if improved:
+            best = float(value)
+        loop_state = {"epoch": epoch, "best": best, "seconds": elapsed_before + time.time() - t0}
+        ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "loop": loop_state}
+        if improved:
+            runtime.save_checkpoint(best_path, [net], ckpt_meta)
+        runtime.save_checkpoint(last_path, [net, optimizer], ckpt_meta)
+        write_json(state_path, {**loop_state, "history": history, "config": asdict(cfg)})
+        _write_log(out / "log.csv", history)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "samples", "lr") and isinstance(v, float))
+        log.info("epoch %d/%d: %s%s", epoch + 1, cfg.epochs, shown, " (best)" if improved else "")
+    if not best_path.exists() and last_path.exists():
+        runtime.save_checkpoint(best_path, [net], {**meta, "epoch": len(history)})
+    minutes = (elapsed_before + time.time() - t0) / 60
+    return TrainResult(history, best_path, last_path, best, minutes)

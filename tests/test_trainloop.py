@@ -1,0 +1,90 @@
+"""The shared train loop: it learns, checkpoints, and resumes exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cytocore import runtime
+from cytocore.trainloop import LoopConfig, OptimConfig, TrainTask, lr_table, train
+
+
+def _task(seed: int = 0) -> TrainTask:
+    ms = runtime.setup(seed=seed)
+    import mindspore.nn as nn
+
+    net = nn.SequentialCell(nn.Dense(4, 8), nn.ReLU(), nn.Dense(8, 1))
+    loss = nn.MSELoss()
+    w = np.array([[1.0], [-2.0], [0.5], [3.0]], np.float32)
+    xs_val = np.random.default_rng(99).normal(size=(64, 4)).astype(np.float32)
+
+    def batches(epoch, rng):
+        for _ in range(5):
+            x = rng.normal(size=(16, 4)).astype(np.float32)
+            yield x, x @ w
+
+    def validate(network):
+        pred = network(ms.Tensor(xs_val)).asnumpy()
+        return {"val_loss": float(np.mean((pred - xs_val @ w) ** 2))}
+
+    return TrainTask(net, loss, batches, validate, meta={"arch": "mlp"})
+
+
+def _cfg(epochs: int) -> LoopConfig:
+    return LoopConfig(epochs=epochs, steps_per_epoch=5, seed=3, monitor="val_loss", monitor_mode="min",
+                      progress=False, optimizer=OptimConfig(lr=1e-2))
+
+
+def _weights(net) -> list[np.ndarray]:
+    return [p.asnumpy().copy() for p in net.get_parameters()]
+
+
+def test_lr_table_is_cosine_from_lr_to_floor():
+    lr = lr_table(LoopConfig(epochs=2, steps_per_epoch=10, optimizer=OptimConfig(lr=1.0, min_lr_ratio=0.0)))
+    assert lr.shape == (20,)
+    assert lr[0] == pytest.approx(1.0)
+    assert np.all(np.diff(lr) <= 0)
+    assert lr[-1] < 0.05
+
+
+def test_training_lowers_validation_loss_and_writes_outputs(tmp_path):
+    task = _task()
+    before = task.validate(task.network)["val_loss"]
+    result = train(task, _cfg(4), tmp_path, config_snapshot={"model": {"arch": "mlp"}})
+    assert result.history[-1]["val_loss"] < before
+    for name in ("best.ckpt", "last.ckpt", "log.csv", "state.json", "config.yaml"):
+        assert (tmp_path / name).is_file(), name
+    _, meta = runtime.load_checkpoint(tmp_path / "best.ckpt")
+    assert meta["arch"] == "mlp"
+    assert len((tmp_path / "log.csv").read_text().strip().splitlines()) == 5
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = _task()
+    train(full, _cfg(4), tmp_path / "full")
+    expected = _weights(full.network)
+
+    first = _task()
+    batches = first.batches
+
+    def killed_in_epoch_3(epoch, rng):
+        if epoch == 2:
+            raise KeyboardInterrupt  # the process dies; only the files of epochs 1-2 survive
+        return batches(epoch, rng)
+
+    first.batches = killed_in_epoch_3
+    with pytest.raises(KeyboardInterrupt):
+        train(first, _cfg(4), tmp_path / "cut")
+    # A new process: fresh network and optimiser, state comes only from disk.
+    second = _task(seed=123)
+    result = train(second, _cfg(4), tmp_path / "cut", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    for a, b in zip(expected, _weights(second.network)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    from cytocore.errors import CheckpointError
+
+    train(_task(), _cfg(1), tmp_path)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(_task(), _cfg(1), tmp_path)
