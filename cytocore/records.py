@@ -110,5 +110,5 @@ class Dataset:
         totals = np.zeros(self.num_classes, np.int64)
         for r in self.records:
             if r.n_boxes:
-                totals += r.labels.sum(axis=0)
+                totals += r.labels.sum(axis=0, dtype=np.int64)
         return {c: int(n) for c, n in zip(self.class_names, totals)}
