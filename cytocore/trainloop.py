@@ -130,7 +130,8 @@ def make_optimizer(params: list, cfg: LoopConfig) -> Any:
     raise ValueError(f"unknown optimizer {cfg.optimizer.name!r} (adamw or adam)")
 
 
-def _make_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable:
+def make_train_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable:
+    """The compiled (graph-mode) step: forward, loss, gradients, optimiser update; returns the loss."""
     import mindspore as ms
 
     def forward(inputs, *targets):
@@ -216,7 +217,7 @@ def train(
         raise CheckpointError(f"{out}: already holds a run (last.ckpt); pass --resume to continue it or choose another --out")
     _snapshot_config(out, config_snapshot)
 
-    step = _make_step(net, task.loss_fn, optimizer)
+    step = make_train_step(net, task.loss_fn, optimizer)
     lrs = lr_table(cfg)
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):

@@ -1,0 +1,327 @@
+"""From probability maps to cell instances and boxes (the segmentation stage's detections).
+
+Cells in brushings touch and pile up, so a thresholded map merges neighbours into one blob; the
+standard remedy (used here) is a watershed on the distance transform, seeded at one marker per
+cell centre. Everything is scikit-image/SciPy; this module only chooses the order and parameters:
+
+1. foreground = probability ≥ ``threshold``;
+2. fill holes up to ``max_hole_area`` pixels (pale nuclei and vacuoles lower the probability inside
+   a cell; large enclosed background between a ring of cells must stay background);
+3. drop components smaller than ``min_area`` (debris, noise);
+4. split touching cells: Euclidean distance transform, smoothed by ``smooth_sigma``; markers from
+   ``peak_local_max`` (``min_distance`` ≈ the smallest cell radius, optional ``footprint``) or
+   ``h_maxima`` (centres at least ``h`` pixels of distance higher than the saddle between them);
+   every component gets at least one marker; watershed of the negated distance inside the mask;
+5. drop split fragments smaller than ``min_area``;
+6. one row per instance: pixel box, area, mean and max probability inside (the seg score).
+
+Boxes are ``x0, y0, x1, y1`` in pixels with exclusive ends (pixel edges): a one-pixel object at
+column 5, row 7 has the box ``(5, 7, 6, 8)``, so ``x1 / width`` is the normalised ``xmax``.
+
+Maps larger than ``block_size`` are processed block by block with ``block_margin`` pixels of
+context on every side; an object is kept only by the block whose core holds its centroid, so each
+object is reported exactly once, with the same box as whole-image processing, as long as the
+margin exceeds the largest cell (a warning says when an object reached a block's context edge).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage import feature, measure, morphology, segmentation
+
+from cytocore.config import merge
+
+log = logging.getLogger("cytofuse")
+
+#: Post-processing parameters and their defaults (the ``postprocess:`` block of a YAML config).
+DEFAULT_POSTPROCESS: dict = {
+    "threshold": 0.5,  # foreground where probability >= threshold
+    "max_hole_area": 200,  # fill enclosed holes of up to this many pixels; null = fill every hole
+    "min_area": 30,  # objects (and split fragments) with fewer pixels are dropped
+    "split": "watershed",  # watershed | none
+    "markers": "peak_local_max",  # peak_local_max | h_maxima: how cell centres are found
+    "min_distance": 7,  # peak_local_max: min px between two centres (~ smallest cell radius)
+    "footprint": None,  # peak_local_max: side of the square neighbourhood (px); null = from min_distance
+    "h": 2.0,  # h_maxima: a centre must rise this many px of distance above its saddle
+    "smooth_sigma": 1.0,  # Gaussian sigma on the distance map before finding centres; 0 = none
+    "connectivity": 1,  # 1 = 4-neighbours, 2 = 8-neighbours (components, holes, watershed)
+    "block_size": 2048,  # maps larger than this are processed in blocks of this size (px) ...
+    "block_margin": 128,  # ... with this much context on each side: > the largest cell diameter
+    "multiclass": "per_class",  # K+1 maps: per_class components, or foreground components + class means
+}
+
+#: Columns of an instance table, in order.
+INSTANCE_COLUMNS = ["x0", "y0", "x1", "y1", "area", "seg_mean", "seg_max", "label_id"]
+
+
+def postprocess_config(cfg: Optional[dict] = None) -> dict:
+    """Defaults overlaid with ``cfg``; an unknown key is an error naming it (typos cost hours)."""
+    out = merge(DEFAULT_POSTPROCESS, dict(cfg or {}), "postprocess config") if cfg else copy.deepcopy(DEFAULT_POSTPROCESS)
+    if out["split"] not in ("watershed", "none"):
+        raise ValueError(f"postprocess split must be 'watershed' or 'none', not {out['split']!r}")
+    if out["markers"] not in ("peak_local_max", "h_maxima"):
+        raise ValueError(f"postprocess markers must be 'peak_local_max' or 'h_maxima', not {out['markers']!r}")
+    if out["multiclass"] not in ("per_class", "foreground"):
+        raise ValueError(f"postprocess multiclass must be 'per_class' or 'foreground', not {out['multiclass']!r}")
+    return out
+
+
+def as_probability(plane: np.ndarray) -> np.ndarray:
+    """A stored probability plane (uint8 0..255, float16 or float32) as float32 in [0, 1]."""
+    arr = np.asarray(plane)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    return arr.astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------------------- skimage compatibility
+
+def _size_keyword(func: Callable) -> str:
+    """scikit-image 0.26 renamed the size arguments (with ``<=`` semantics); older versions use ``<``."""
+    return "max_size" if "max_size" in inspect.signature(func).parameters else "legacy"
+
+
+def _remove_small_objects(mask: np.ndarray, min_area: int, connectivity: int) -> np.ndarray:
+    if min_area <= 1:
+        return mask
+    if _size_keyword(morphology.remove_small_objects) == "max_size":
+        return morphology.remove_small_objects(mask, max_size=min_area - 1, connectivity=connectivity)
+    return morphology.remove_small_objects(mask, min_size=min_area, connectivity=connectivity)
+
+
+def _remove_small_labels(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Drop labelled regions with fewer than ``min_area`` pixels (labels stay as they are)."""
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_area
+    small[0] = False
+    if small.any():
+        labels = np.where(small[labels], 0, labels)
+    return labels
+
+
+def _fill_holes(mask: np.ndarray, max_hole_area: Optional[int], connectivity: int) -> np.ndarray:
+    """Fill enclosed background regions of at most ``max_hole_area`` pixels (``None``: all of them).
+
+    Only background *enclosed* by foreground is a hole: regions touching the image edge never are
+    (``remove_small_holes`` would fill a small gap between a cell and the edge, and then whether a
+    gap is filled would depend on where a block boundary falls).
+    """
+    filled = ndi.binary_fill_holes(mask, structure=ndi.generate_binary_structure(2, 3 - connectivity))
+    if max_hole_area is None:
+        return filled
+    holes, n = ndi.label(filled & ~mask, structure=ndi.generate_binary_structure(2, 3 - connectivity))
+    if n == 0:
+        return mask
+    small = np.bincount(holes.ravel()) <= int(max_hole_area)
+    small[0] = False
+    return mask | small[holes]
+
+
+# ------------------------------------------------------------------------------------ mask → labels
+
+def _markers(distance: np.ndarray, components: np.ndarray, cfg: dict) -> np.ndarray:
+    """One labelled marker per presumed cell centre, and at least one per component."""
+    if cfg["markers"] == "h_maxima":
+        peaks = morphology.h_maxima(distance, float(cfg["h"])).astype(bool) & (components > 0)
+    else:
+        side = cfg["footprint"]
+        footprint = np.ones((int(side), int(side)), bool) if side else None
+        coords = feature.peak_local_max(
+            distance, min_distance=int(cfg["min_distance"]), footprint=footprint, labels=components, exclude_border=False
+        )
+        peaks = np.zeros(distance.shape, bool)
+        peaks[tuple(coords.T)] = True
+    markers, n = ndi.label(peaks, structure=ndi.generate_binary_structure(2, 2))
+    present = np.unique(components[markers > 0])
+    missing = np.setdiff1d(np.arange(1, components.max() + 1), present)
+    if missing.size:
+        for pos in ndi.maximum_position(distance, components, missing):
+            n += 1
+            markers[pos] = n
+    return markers
+
+
+def label_mask(mask: np.ndarray, cfg: Optional[dict] = None) -> np.ndarray:
+    """Binary foreground mask → instance label image (0 = background), steps 2–5 of the module doc."""
+    cfg = postprocess_config(cfg)
+    conn = int(cfg["connectivity"])
+    structure = ndi.generate_binary_structure(2, conn)
+    mask = _fill_holes(np.asarray(mask, bool), cfg["max_hole_area"], conn)
+    mask = _remove_small_objects(mask, int(cfg["min_area"]), conn)
+    components, n = ndi.label(mask, structure=structure)
+    if n == 0:
+        return components.astype(np.int32)
+    if cfg["split"] == "watershed":
+        distance = ndi.distance_transform_edt(mask)
+        if cfg["smooth_sigma"]:
+            distance = ndi.gaussian_filter(distance, float(cfg["smooth_sigma"])) * mask
+        markers = _markers(distance, components, cfg)
+        labels = segmentation.watershed(-distance, markers, mask=mask, connectivity=conn)
+        labels = _remove_small_labels(labels, int(cfg["min_area"]))
+    else:
+        labels = components
+    return segmentation.relabel_sequential(labels.astype(np.int32))[0]
+
+
+def instances_from_labels(
+    labels: np.ndarray, probability: np.ndarray, extra: Optional[dict[str, np.ndarray]] = None
+) -> pd.DataFrame:
+    """One row per label: box, area, mean/max probability, ``cx, cy`` centroid, and per-map means.
+
+    ``extra`` maps column names to planes whose mean inside each instance becomes a column
+    (the class probabilities of a multi-class model).
+    """
+    props = measure.regionprops_table(
+        labels, intensity_image=probability, properties=("label", "bbox", "area", "centroid", "intensity_mean", "intensity_max")
+    )
+    df = pd.DataFrame(
+        {
+            "x0": props["bbox-1"].astype(np.int64),
+            "y0": props["bbox-0"].astype(np.int64),
+            "x1": props["bbox-3"].astype(np.int64),
+            "y1": props["bbox-2"].astype(np.int64),
+            "area": props["area"].astype(np.int64),
+            "seg_mean": props["intensity_mean"].astype(np.float64),
+            "seg_max": props["intensity_max"].astype(np.float64),
+            "label_id": props["label"].astype(np.int64),
+            "cx": props["centroid-1"],
+            "cy": props["centroid-0"],
+        }
+    )
+    for name, plane in (extra or {}).items():
+        df[name] = np.asarray(ndi.mean(plane, labels, df["label_id"].to_numpy()), np.float64) if len(df) else []
+    return df
+
+
+# ----------------------------------------------------------------------------------- block by block
+
+def _empty_instances() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="float64" if c.startswith("seg_") else "int64") for c in INSTANCE_COLUMNS})
+
+
+def _block_starts(length: int, block: int) -> range:
+    return range(0, length, block)
+
+
+def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, slice]], pd.DataFrame]) -> pd.DataFrame:
+    """Run ``process`` on overlapping blocks; keep each object in the block whose core holds its centroid."""
+    h, w = int(shape[0]), int(shape[1])
+    block, margin = max(1, int(cfg["block_size"])), max(0, int(cfg["block_margin"]))
+    parts: list[pd.DataFrame] = []
+    truncated = 0
+    for by in _block_starts(h, block):
+        for bx in _block_starts(w, block):
+            y0, y1 = max(0, by - margin), min(h, by + block + margin)
+            x0, x1 = max(0, bx - margin), min(w, bx + block + margin)
+            df = process((slice(y0, y1), slice(x0, x1)))
+            if df.empty:
+                continue
+            for col in ("x0", "x1", "cx"):
+                df[col] += x0
+            for col in ("y0", "y1", "cy"):
+                df[col] += y0
+            keep = (df["cy"] >= by) & (df["cy"] < by + block) & (df["cx"] >= bx) & (df["cx"] < bx + block)
+            df = df[keep]
+            cut = ((df["y0"] == y0) & (y0 > 0)) | ((df["x0"] == x0) & (x0 > 0)) | ((df["y1"] == y1) & (y1 < h)) | ((df["x1"] == x1) & (x1 < w))
+            truncated += int(cut.sum())
+            parts.append(df)
+    if truncated:
+        log.warning(
+            "%d object(s) reached the edge of a post-processing block's context; their boxes may be cut: "
+            "raise postprocess.block_margin above the largest cell diameter (now %d px)",
+            truncated,
+            margin,
+        )
+    parts = [df for df in parts if not df.empty]
+    if not parts:
+        return _empty_instances()
+    out = pd.concat(parts, ignore_index=True)
+    out = out.sort_values(["y0", "x0", "y1", "x1"], kind="mergesort").reset_index(drop=True)
+    out["label_id"] = np.arange(1, len(out) + 1, dtype=np.int64)
+    return out.drop(columns=["cx", "cy"])
+
+
+def find_instances(probability: np.ndarray, cfg: Optional[dict] = None) -> pd.DataFrame:
+    """A binary probability map (H×W; float, float16 or uint8 0..255; NumPy or memmap) → instance table.
+
+    Returns the columns of :data:`INSTANCE_COLUMNS`, sorted top-to-bottom, ``label_id`` = 1..N.
+    """
+    cfg = postprocess_config(cfg)
+    if probability.ndim != 2:
+        raise ValueError(f"expected an H×W probability map, got shape {probability.shape}")
+
+    def process(window: tuple[slice, slice]) -> pd.DataFrame:
+        prob = as_probability(probability[window])
+        return instances_from_labels(label_mask(prob >= cfg["threshold"], cfg), prob)
+
+    return _blockwise(probability.shape, cfg, process)
+
+
+def foreground_names(class_names: Optional[Sequence[str]], channels: int) -> list[str]:
+    """Names of the K foreground classes of a K+1-channel map (channel 0 is background).
+
+    Accepts the K foreground names or all K+1 (the first is then the background's and dropped).
+    """
+    k = channels - 1
+    names = list(class_names or [])
+    if len(names) == channels:
+        names = names[1:]
+    if len(names) != k:
+        if names:
+            log.warning("%d class names for %d foreground channels; using class_1..class_%d", len(names), k, k)
+        names = [f"class_{i}" for i in range(1, k + 1)]
+    return [str(n) for n in names]
+
+
+def find_class_instances(
+    class_maps: np.ndarray, class_names: Optional[Sequence[str]] = None, cfg: Optional[dict] = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode K+1 softmax maps ``(K+1, H, W)`` (channel 0 = background) into instances with classes.
+
+    A pixel is foreground when ``1 − p_background ≥ threshold``; its class is the foreground channel
+    with the highest probability. With ``multiclass: per_class`` each class's pixels form their own
+    components (split and filtered as in the binary case) and the instance's ``class_name`` is that
+    class; with ``foreground`` the components come from the whole foreground and ``class_name`` is
+    the class with the highest mean. Either way the seg score is computed on ``1 − p_background``
+    and the class probabilities (second table, one column per class, rows aligned with the first)
+    are the mean softmax of each class inside the instance.
+    """
+    cfg = postprocess_config(cfg)
+    if class_maps.ndim != 3 or class_maps.shape[0] < 2:
+        raise ValueError(f"expected (K+1, H, W) class maps with K >= 1, got shape {class_maps.shape}")
+    names = foreground_names(class_names, class_maps.shape[0])
+    columns = [f"p_{i}" for i in range(len(names))]  # internal names: a class called "area" must not clash
+
+    def process(window: tuple[slice, slice]) -> pd.DataFrame:
+        maps = as_probability(class_maps[(slice(None),) + window])
+        fg = 1.0 - maps[0]
+        mask = fg >= cfg["threshold"]
+        extra = {col: maps[i + 1] for i, col in enumerate(columns)}
+        if cfg["multiclass"] == "foreground":
+            df = instances_from_labels(label_mask(mask, cfg), fg, extra)
+            best = df[columns].to_numpy().argmax(axis=1) if len(df) else np.zeros(0, int)
+            df["class_name"] = [names[i] for i in best]
+            return df
+        winner = maps[1:].argmax(axis=0)
+        parts = []
+        for i, name in enumerate(names):
+            df = instances_from_labels(label_mask(mask & (winner == i), cfg), fg, extra)
+            df["class_name"] = name
+            parts.append(df)
+        nonempty = [df for df in parts if not df.empty]
+        return pd.concat(nonempty, ignore_index=True) if nonempty else parts[0]
+
+    table = _blockwise(class_maps.shape[1:], cfg, process)
+    if "class_name" not in table:
+        table["class_name"] = pd.Series(dtype="object")
+        for col in columns:
+            table[col] = pd.Series(dtype="float64")
+    class_probs = table[columns].astype(np.float64).set_axis(names, axis=1).reset_index(drop=True)
+    instances = table[INSTANCE_COLUMNS + ["class_name"]].reset_index(drop=True)
+    return instances, class_probs

@@ -1,0 +1,188 @@
+"""Masks → instances → boxes: threshold, holes, small objects, watershed split, blocks, classes."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from cytocore.errors import CytoFuseError
+from segmentation.postprocess import (
+    DEFAULT_POSTPROCESS,
+    INSTANCE_COLUMNS,
+    find_class_instances,
+    find_instances,
+    label_mask,
+    postprocess_config,
+)
+
+
+def disc(shape, cy, cx, r):
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_watershed_splits_two_touching_discs():
+    shape = (100, 130)
+    mask = disc(shape, 50, 45, 16) | disc(shape, 50, 72, 16)  # overlapping: one connected blob
+    from scipy import ndimage as ndi
+
+    assert ndi.label(mask)[1] == 1
+    for markers in ("peak_local_max", "h_maxima"):
+        inst = find_instances(mask.astype(np.float32), {"markers": markers})
+        assert len(inst) == 2, markers
+        left, right = inst.sort_values("x0").to_dict("records")
+        assert left["x0"] == 29 and right["x1"] == 89  # outer edges of the two discs
+        assert left["x1"] <= right["x0"] + 1  # split near the neck at x ≈ 58
+        assert abs(left["x1"] - 58) <= 2
+
+
+def test_single_disc_stays_one_box_with_exact_box():
+    prob = np.zeros((80, 90), np.float32)
+    prob[disc(prob.shape, 40, 30, 15)] = 0.8
+    prob[40, 30] = 0.95
+    inst = find_instances(prob)
+    assert list(inst.columns) == INSTANCE_COLUMNS
+    assert len(inst) == 1
+    row = inst.iloc[0]
+    assert (row.x0, row.y0, row.x1, row.y1) == (15, 25, 46, 56)  # exclusive ends
+    assert row.area == disc(prob.shape, 40, 30, 15).sum()
+    assert row.seg_max == pytest.approx(0.95)
+    assert 0.8 < row.seg_mean < 0.81
+    assert row.label_id == 1
+
+
+def test_threshold_and_one_pixel_box_convention():
+    prob = np.zeros((20, 20), np.float32)
+    prob[7, 5] = 0.6
+    prob[3, 3] = 0.4
+    inst = find_instances(prob, {"min_area": 1})
+    assert len(inst) == 1
+    assert tuple(inst.iloc[0][["x0", "y0", "x1", "y1"]]) == (5, 7, 6, 8)
+    assert len(find_instances(prob, {"min_area": 1, "threshold": 0.7})) == 0
+
+
+def test_small_objects_removed():
+    mask = disc((60, 60), 20, 20, 10) | disc((60, 60), 50, 50, 2)  # 13-pixel speck
+    inst = find_instances(mask.astype(np.float32), {"min_area": 30})
+    assert len(inst) == 1 and inst.iloc[0].area > 300
+    assert len(find_instances(mask.astype(np.float32), {"min_area": 5})) == 2
+
+
+def test_holes_filled_up_to_max_hole_area():
+    shape = (100, 100)
+    small_hole = disc(shape, 30, 30, 15) & ~disc(shape, 30, 30, 3)  # hole of 29 px
+    big_hole = disc(shape, 70, 70, 25) & ~disc(shape, 70, 70, 12)  # hole of ~450 px (a ring)
+    labels = label_mask(small_hole | big_hole, {"max_hole_area": 200, "split": "none"})
+    assert labels[30, 30] > 0, "small hole must be filled"
+    assert labels[70, 70] == 0, "large enclosed background must stay background"
+    labels_all = label_mask(small_hole | big_hole, {"max_hole_area": None, "split": "none"})
+    assert labels_all[70, 70] > 0
+    # background touching the image edge is never a hole, however small
+    edge_gap = np.zeros((40, 40), bool)
+    edge_gap[5:35, 0:20] = True
+    edge_gap[15:20, 0:3] = False  # a notch open to the left edge
+    assert label_mask(edge_gap, {"split": "none"})[17, 1] == 0
+
+
+def test_empty_map_gives_empty_table_with_columns():
+    for prob in (np.zeros((50, 70), np.float32), np.zeros((1, 1), np.uint8), np.zeros((3000, 10), np.float32)):
+        inst = find_instances(prob, {"block_size": 512})
+        assert inst.empty and list(inst.columns) == INSTANCE_COLUMNS
+
+
+def _synthetic_cells(shape, n, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.ogrid[: shape[0], : shape[1]]
+    prob = np.zeros(shape, np.float32)
+    for _ in range(n):
+        cy, cx = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        r = rng.uniform(4, 11)
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        prob = np.maximum(prob, np.clip(1.2 - d / r * 0.6, 0, 1).astype(np.float32))
+        if rng.random() < 0.3:  # a touching neighbour
+            cx2 = cx + 1.6 * r
+            d2 = np.sqrt((yy - cy) ** 2 + (xx - cx2) ** 2)
+            prob = np.maximum(prob, np.clip(1.2 - d2 / r * 0.6, 0, 1).astype(np.float32))
+    return prob
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_blockwise_equals_whole_image(dtype, caplog):
+    prob = _synthetic_cells((300, 420), 120, seed=3)
+    if dtype == np.uint8:
+        prob = np.clip(prob * 255 + 0.5, 0, 255).astype(np.uint8)
+    whole = find_instances(prob, {"block_size": 10_000, "min_distance": 4})
+    with caplog.at_level(logging.WARNING, logger="cytofuse"):
+        blocks = find_instances(prob, {"block_size": 64, "block_margin": 30, "min_distance": 4})
+    assert len(whole) > 80
+    assert not caplog.records, "a margin larger than every cell must not warn"
+    boxes = ["x0", "y0", "x1", "y1"]
+    assert not blocks.duplicated(boxes).any(), "an object at a seam was reported twice"
+    assert len(blocks) == len(whole)
+    np.testing.assert_array_equal(blocks[boxes + ["area", "label_id"]].to_numpy(), whole[boxes + ["area", "label_id"]].to_numpy())
+    np.testing.assert_allclose(blocks[["seg_mean", "seg_max"]].to_numpy(), whole[["seg_mean", "seg_max"]].to_numpy(), rtol=1e-6)
+
+
+def test_blockwise_warns_when_margin_too_small(caplog):
+    prob = disc((200, 200), 100, 100, 40).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="cytofuse"):
+        find_instances(prob, {"block_size": 64, "block_margin": 8})
+    assert any("block_margin" in r.getMessage() for r in caplog.records)
+
+
+def _class_maps():
+    shape = (120, 160)
+    maps = np.zeros((3, *shape), np.float32)
+    maps[0] = 1.0
+    a = disc(shape, 40, 40, 15)
+    b = disc(shape, 80, 110, 18)
+    maps[:, a] = np.array([0.1, 0.7, 0.2], np.float32)[:, None]
+    maps[:, b] = np.array([0.2, 0.1, 0.7], np.float32)[:, None]
+    return maps
+
+
+@pytest.mark.parametrize("mode", ["per_class", "foreground"])
+def test_multiclass_decoding_gives_right_classes(mode):
+    inst, probs = find_class_instances(_class_maps(), ["SCC", "AC"], {"multiclass": mode})
+    assert list(probs.columns) == ["SCC", "AC"]
+    assert len(inst) == 2 and len(probs) == 2
+    by_x = inst.assign(**probs).sort_values("x0").reset_index(drop=True)
+    assert list(by_x["class_name"]) == ["SCC", "AC"]
+    np.testing.assert_allclose(by_x[["SCC", "AC"]].to_numpy(), [[0.7, 0.2], [0.1, 0.7]], atol=1e-6)
+    np.testing.assert_allclose(by_x["seg_mean"], [0.9, 0.8], atol=1e-6)  # 1 - p_background
+
+
+def test_multiclass_per_class_splits_a_blob_of_two_classes():
+    shape = (60, 100)
+    maps = np.zeros((3, *shape), np.float32)
+    maps[0] = 1
+    left = np.zeros(shape, bool)
+    left[20:40, 20:50] = True
+    right = np.zeros(shape, bool)
+    right[20:40, 50:80] = True
+    maps[:, left] = np.array([0.0, 0.9, 0.1], np.float32)[:, None]
+    maps[:, right] = np.array([0.0, 0.2, 0.8], np.float32)[:, None]
+    cfg = {"split": "none"}
+    per_class, _ = find_class_instances(maps, ["a", "b", "c"][1:], {**cfg, "multiclass": "per_class"})
+    assert sorted(per_class["class_name"]) == ["b", "c"]
+    merged, probs = find_class_instances(maps, ["b", "c"], {**cfg, "multiclass": "foreground"})
+    assert len(merged) == 1 and merged.iloc[0].x1 - merged.iloc[0].x0 == 60
+    np.testing.assert_allclose(probs.iloc[0].to_numpy(), [0.55, 0.45], atol=1e-6)
+
+
+def test_multiclass_empty_and_generic_names():
+    maps = np.stack([np.ones((30, 30)), np.zeros((30, 30)), np.zeros((30, 30))]).astype(np.float32)
+    inst, probs = find_class_instances(maps)
+    assert inst.empty and list(probs.columns) == ["class_1", "class_2"]
+    # names given with the background first are accepted too
+    _, probs = find_class_instances(_class_maps(), ["background", "SCC", "AC"])
+    assert list(probs.columns) == ["SCC", "AC"]
+
+
+def test_config_errors():
+    assert postprocess_config(None) == DEFAULT_POSTPROCESS
+    with pytest.raises(CytoFuseError, match="threshhold"):
+        postprocess_config({"threshhold": 0.4})
+    with pytest.raises(ValueError, match="markers"):
+        postprocess_config({"markers": "random"})
