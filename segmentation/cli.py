@@ -1,0 +1,94 @@
+"""Subcommands of the segmentation stage: ``cytofuse seg train`` and ``cytofuse seg predict``.
+
+MindSpore and the stage's modules are imported inside the handlers, so ``cytofuse --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    seg = sub.add_parser("seg", help="segmentation stage: train the U-Net, predict probability maps and cells")
+    seg_sub = seg.add_subparsers(dest="seg_command", metavar="ACTION", required=True)
+    add_actions(seg_sub)
+
+
+def add_actions(seg_sub: argparse._SubParsersAction) -> None:
+    t = seg_sub.add_parser("train", help="train the U-Net on a data set (best.ckpt, last.ckpt, log.csv in --out)")
+    t.add_argument("--config", default=None, help="YAML overriding segmentation/configs/default.yaml")
+    t.add_argument("--data", default=None, help="data set folder (else data.path of the config)")
+    t.add_argument("--format", choices=["auto", "challenge", "voc", "coco"], default=None, help="data set layout (default: the config's, auto)")
+    t.add_argument("--out", default=None, help="run folder (else `out` of the config, runs/seg)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 --set data.scale=1 (repeatable)")
+    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    t.set_defaults(handler=_train)
+
+    p = seg_sub.add_parser("predict", help="probability maps (saliency/<id>.png) and cell boxes (instances.csv) for a folder")
+    p.add_argument("--checkpoint", required=True, help="segmentation checkpoint (best.ckpt of a seg train run)")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--config", default=None, help="YAML with optional `predict:` and `postprocess:` sections")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="e.g. --set predict.tta=flip --set postprocess.threshold=0.4 (repeatable)")
+    p.set_defaults(handler=_predict)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import load_seg_config, train_segmentation
+
+    cfg = load_seg_config(args.config, args.overrides)
+    result = train_segmentation(cfg, data=args.data, out=args.out, resume=args.resume, fmt=args.format,
+                                progress=False if args.no_progress else None)
+    last = result.history[-1] if result.history else {}
+    shown = ", ".join(f"{k}={last[k]:.4f}" for k in ("val_dice", "val_iou", "val_rand_error") if k in last)
+    best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
+    print(f"trained {len(result.history)} epoch(s) in {result.minutes:.1f} min; last: {shown or 'no epoch run'}; "
+          f"best {cfg['train']['monitor']} {best}")
+    print(f"best checkpoint: {result.best_checkpoint}")
+    return 0
+
+
+def predict_settings(config: Optional[str], overrides: Sequence[str]) -> tuple[dict, dict]:
+    """The ``predict:`` and ``postprocess:`` sections of ``--config`` and ``--set`` (other sections of
+    the file, e.g. a training config's, are ignored; other ``--set`` keys are an error)."""
+    from cytocore.config import parse_overrides, read_yaml
+    from cytocore.errors import CytoFuseError
+
+    file_cfg = read_yaml(config) if config else {}
+    sections = {name: dict(file_cfg.get(name) or {}) for name in ("predict", "postprocess")}
+    for key, value in parse_overrides(overrides).items():
+        if key not in sections or not isinstance(value, dict):
+            raise CytoFuseError(f"--set {key}: only predict.* and postprocess.* options apply to seg predict")
+        sections[key].update(value)
+    return sections["predict"], sections["postprocess"]
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import predict_folder
+
+    predict_cfg, post_cfg = predict_settings(args.config, args.overrides)
+    table = predict_folder(args.checkpoint, args.images, args.out, predict_cfg=predict_cfg or None,
+                           post_cfg=post_cfg or None, progress=True)
+    print(f"wrote {args.out}/saliency/ and {args.out}/instances.csv ({len(table)} cells)")
+    return 0
+
+
+def run_standalone(argv: Sequence[str]) -> int:
+    """``python -m segmentation.train``: the ``seg`` actions without the full ``cytofuse`` CLI."""
+    import logging
+    import sys
+
+    from cytocore.errors import CytoFuseError
+
+    parser = argparse.ArgumentParser(prog="python -m segmentation.train")
+    add_actions(parser.add_subparsers(dest="seg_command", required=True))
+    args = parser.parse_args(list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except CytoFuseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

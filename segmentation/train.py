@@ -1,0 +1,289 @@
+"""Train the segmentation U-Net (``cytofuse seg train``): config → data → TrainTask → the shared loop.
+
+This module only describes *what* to train; :mod:`cytocore.trainloop` does the training, checkpoints,
+resume, CSV log and config snapshot. The checkpoint's metadata holds everything prediction needs
+(architecture, mode, classes, scale, full config), see :mod:`segmentation.model_io`.
+
+Usable as ``python -m segmentation.train --config YAML [--data DIR] [--out RUN] [--resume]`` too.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from cytocore.config import load_config
+from cytocore.errors import CytoFuseError, DataError
+from cytocore.records import Dataset
+
+log = logging.getLogger("cytofuse")
+
+PathLike = Union[str, Path]
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+def load_seg_config(path: Optional[PathLike] = None, overrides: Iterable[str] = ()) -> dict:
+    """The stage's defaults ← the user's YAML ← ``--set`` overrides (unknown keys: one-line error)."""
+    return load_config(DEFAULT_CONFIG, path, overrides)
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def load_split_dataset(cfg: dict, data: Optional[PathLike] = None, fmt: Optional[str] = None) -> Dataset:
+    """Read the data set and give every image a split (its own if it has one, else assign_splits)."""
+    from cytocore.readers import load_dataset
+    from cytocore.splits import assign_splits
+
+    path = data or cfg["data"]["path"]
+    if not path:
+        raise CytoFuseError("no data set given: pass --data DIR or set data.path in the config")
+    ds = load_dataset(path, format=fmt or cfg["data"]["format"])
+    if any(r.split is None for r in ds.records):
+        ds = assign_splits(ds, seed=int(cfg["data"]["split_seed"]))
+    return ds
+
+
+def split_records(ds: Dataset, cfg: dict) -> tuple[list, list]:
+    d = cfg["data"]
+    train = [r for r in ds.records if r.split == d["train_split"]]
+    val = sorted((r for r in ds.records if r.split == d["val_split"]), key=lambda r: r.image_id)
+    where = ds.root or "data set"
+    if not train:
+        raise DataError(f"{where}: no images in split {d['train_split']!r} (splits found: {', '.join(ds.splits()) or 'none'})")
+    if not val:
+        raise DataError(f"{where}: no images in split {d['val_split']!r} (splits found: {', '.join(ds.splits()) or 'none'})")
+    limit = cfg["validation"]["max_images"]
+    return train, val[: int(limit)] if limit else val
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+class Validator:
+    """``TrainTask.validate``: predicts whole validation images tile by tile and scores them.
+
+    Every call uses the same tiles and the same input shape, so it compiles once and its numbers are
+    comparable from epoch to epoch.
+    """
+
+    def __init__(self, samples: Sequence, tile: int, batch_size: int, mode: str, num_classes: int,
+                 class_names: Sequence[str], threshold: float = 0.5, with_rand: bool = True) -> None:
+        from .patches import tile_samples
+
+        self.samples = list(samples)
+        self.tile = int(tile)
+        self.batch_size = int(batch_size)
+        self.mode = mode
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.threshold = float(threshold)
+        self.with_rand = with_rand
+        self.grids, self.inputs = tile_samples(self.samples, self.tile)
+
+    def predict_tiles(self, network: Any) -> np.ndarray:
+        """Per-tile maps: probability (binary) or class index (classes), ``(T, tile, tile)``."""
+        import mindspore as ms
+
+        out = []
+        n, b = len(self.inputs), self.batch_size
+        for start in range(0, n, b):
+            chunk = self.inputs[start:start + b]
+            real = len(chunk)
+            if real < b:  # keep one input shape: one compiled graph
+                chunk = np.concatenate([chunk, np.zeros((b - real, *chunk.shape[1:]), np.float32)])
+            logits = network(ms.Tensor(chunk)).asnumpy()[:real]
+            if self.mode == "binary":
+                out.append(1.0 / (1.0 + np.exp(-logits[:, 0])))
+            else:
+                out.append(np.argmax(logits, axis=1).astype(np.uint8))
+        return np.concatenate(out) if out else np.zeros((0, self.tile, self.tile), np.float32)
+
+    def __call__(self, network: Any) -> dict[str, float]:
+        from .metrics import SegScores
+
+        maps = self.predict_tiles(network)
+        scores = SegScores(num_classes=0 if self.mode == "binary" else self.num_classes,
+                           class_names=self.class_names, with_rand=self.with_rand)
+        k = 0
+        for grid in self.grids:
+            s = self.samples[grid.sample]
+            canvas = np.zeros(grid.padded, maps.dtype)
+            for y, x in grid.origins:
+                canvas[y:y + self.tile, x:x + self.tile] = maps[k]
+                k += 1
+            h, w = s.size
+            pred = canvas[:h, :w]
+            if self.mode == "binary":
+                pred = pred > self.threshold
+            scores.add(pred, s.target[:h, :w])
+        return scores.summary("val_")
+
+
+# ----------------------------------------------------------------------------------------- task
+
+
+@dataclass
+class SegSetup:
+    """What :func:`build_task` made, for callers (tests, the baseline) that want to look inside."""
+
+    task: Any
+    loop: Any
+    train_samples: list
+    val_samples: list
+    meta: dict
+
+
+def _check_multiple(value: int, multiple: int, key: str) -> None:
+    if value % multiple:
+        raise CytoFuseError(f"{key}={value} must be a multiple of {multiple} (2**(model.depth-1))")
+
+
+def resolve_model(cfg: dict, mode: str, num_classes: int) -> dict:
+    """The full model block, with ``out_channels`` derived from the mode and checked against it."""
+    from .unet import resolve_model_config
+
+    model = resolve_model_config(cfg["model"])
+    want = 1 if mode == "binary" else num_classes + 1
+    given = cfg["model"].get("out_channels")
+    if given is not None and int(given) != want:
+        raise CytoFuseError(f"model.out_channels={given} does not fit targets.mode={mode!r} with {num_classes} "
+                            f"classes (needs {want}); leave it null")
+    model["out_channels"] = want
+    return model
+
+
+def check_config(cfg: dict) -> tuple[Any, dict]:
+    """Validate the parts of the config that do not depend on the data, before any data is read.
+
+    Returns the loop config and the model block (``out_channels`` still unresolved).
+    """
+    from cytocore.trainloop import LoopConfig
+
+    from .targets import MODES, TARGET_KINDS, RefineOptions
+    from .unet import resolve_model_config
+
+    t, p, v = cfg["targets"], cfg["patches"], cfg["validation"]
+    if t["mode"] not in MODES:
+        raise CytoFuseError(f"targets.mode must be one of {', '.join(MODES)}, got {t['mode']!r}")
+    if t["kind"] not in TARGET_KINDS:
+        raise CytoFuseError(f"targets.kind must be one of {', '.join(TARGET_KINDS)}, got {t['kind']!r}")
+    try:
+        RefineOptions(**t["refine"])
+        loop = LoopConfig.from_dict(cfg["train"], cfg["optimizer"])
+    except (TypeError, ValueError) as exc:
+        raise CytoFuseError(f"config: {exc}") from None
+    scale = float(cfg["data"]["scale"])
+    if not 0 < scale <= 4:
+        raise CytoFuseError(f"data.scale must be in (0, 4], got {scale}")
+    model = resolve_model_config(cfg["model"])
+    multiple = 2 ** (int(model["depth"]) - 1)
+    _check_multiple(int(p["size"]), multiple, "patches.size")
+    _check_multiple(int(v["tile"]), multiple, "validation.tile")
+    if int(p["batch_size"]) < 1 or int(v["batch_size"]) < 1:
+        raise CytoFuseError("patches.batch_size and validation.batch_size must be at least 1")
+    weights = cfg["loss"].get("class_weights")
+    if weights is not None and weights != "auto" and not isinstance(weights, (list, tuple)):
+        raise CytoFuseError(f"loss.class_weights must be null, auto or a list, got {weights!r}")
+    return loop, model
+
+
+def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
+    """Targets, samplers, augmentation, network, loss and validator for one training run."""
+    from cytocore import runtime
+    from cytocore.trainloop import TrainTask
+
+    from .losses import class_weights_from_counts, make_loss
+    from .patches import PatchBatches, PatchSampler, build_augment, load_samples
+    from .targets import RefineOptions
+    from .unet import create_unet
+
+    loop, _ = check_config(cfg)
+    t, p, v = cfg["targets"], cfg["patches"], cfg["validation"]
+    mode, kind = t["mode"], t["kind"]
+    scale = float(cfg["data"]["scale"])
+    num_classes = ds.num_classes
+    if mode == "classes" and num_classes == 0:
+        raise CytoFuseError("targets.mode is 'classes' but the data set has no classes")
+    model_cfg = resolve_model(cfg, mode, num_classes)
+    multiple = 2 ** (int(model_cfg["depth"]) - 1)
+
+    train_recs, val_recs = split_records(ds, cfg)
+    refine = RefineOptions(**t["refine"])
+    common = dict(scale=scale, mode=mode, kind=kind, num_classes=num_classes, refine=refine, progress=progress)
+    train_samples = load_samples(train_recs, min_size=int(p["size"]), desc="train images", **common)
+    val_samples = load_samples(val_recs, desc="val images", **common)
+
+    runtime.setup(seed=loop.seed, threads=cfg["runtime"]["threads"], mode=cfg["runtime"]["mode"])
+    network = create_unet(**model_cfg)
+
+    weights = cfg["loss"].get("class_weights")
+    if mode == "classes" and weights == "auto":
+        counts = np.zeros(num_classes + 1, np.int64)
+        for s in train_samples:
+            h, w = s.size
+            counts += np.bincount(s.target[:h, :w].ravel(), minlength=num_classes + 1)[: num_classes + 1]
+        weights = class_weights_from_counts(counts)
+        log.info("class weights (background first): %s", ", ".join(f"{x:.2f}" for x in weights))
+    loss = make_loss(mode, model_cfg["out_channels"], cfg["loss"], weights if mode == "classes" else None)
+
+    sampler = PatchSampler(train_samples, int(p["size"]), float(p["cell_fraction"]), float(p["jitter"]),
+                           bool(p["class_balance"]))
+    batches = PatchBatches(sampler, int(p["batch_size"]), loop.steps_per_epoch, mode, build_augment(cfg["augment"]))
+    validator = Validator(val_samples, int(v["tile"]), int(v["batch_size"]), mode, num_classes, ds.class_names,
+                          float(v["threshold"]), bool(v["rand_error"]))
+    meta = {
+        "stage": "segmentation",
+        "model": model_cfg,
+        "class_names": list(ds.class_names),
+        "mode": mode,
+        "scale": scale,
+        "input_multiple": multiple,
+        "threshold": float(v["threshold"]),
+        "config": cfg,
+    }
+    task = TrainTask(network=network, loss_fn=loss, batches=batches, validate=validator, meta=meta)
+    return SegSetup(task, loop, train_samples, val_samples, meta)
+
+
+def train_segmentation(cfg: dict, data: Optional[PathLike] = None, out: Optional[PathLike] = None,
+                       resume: bool = False, fmt: Optional[str] = None, progress: Optional[bool] = None):
+    """Run a whole training; returns :class:`cytocore.trainloop.TrainResult`."""
+    from cytocore import runtime
+    from cytocore.trainloop import train
+
+    if progress is not None:
+        cfg = {**cfg, "train": {**cfg["train"], "progress": bool(progress)}}
+    if data is not None:
+        cfg = {**cfg, "data": {**cfg["data"], "path": str(data)}}
+    if fmt is not None:
+        cfg = {**cfg, "data": {**cfg["data"], "format": fmt}}
+    out_dir = Path(out or cfg["out"])
+    cfg = {**cfg, "out": str(out_dir)}
+    check_config(cfg)
+    ds = load_split_dataset(cfg)
+    setup = build_task(cfg, ds, progress=bool(cfg["train"]["progress"]))
+    log.info(
+        "segmentation: %d train / %d val images, mode %s, scale %.2f, model %s (depth %d, width %d)",
+        len(setup.train_samples), len(setup.val_samples), setup.meta["mode"], setup.meta["scale"],
+        setup.meta["model"]["name"], setup.meta["model"]["depth"], setup.meta["model"]["base_width"],
+    )
+    setup.task.meta["runtime"] = runtime.runtime_info()
+    return train(setup.task, setup.loop, out_dir, resume=resume, config_snapshot=cfg)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m segmentation.train ...``: the same options as ``cytofuse seg train``."""
+    import sys
+
+    from .cli import run_standalone
+
+    return run_standalone(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
