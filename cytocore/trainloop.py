@@ -6,9 +6,14 @@ schedule, per-epoch validation, best/last checkpoints, a CSV log, tqdm progress 
 snapshot, and an exact ``resume`` after the process was killed.
 
 Why resume is exact: the optimiser's moments and step counter are saved with the weights in
-``last.ckpt``; the learning rate is a per-step table indexed by that counter; and each epoch's
-batches and augmentations are drawn from an RNG seeded by ``(seed, epoch)``, so epoch *e* sees the
-same data whether or not the process died before it.
+``last.ckpt``; the learning rate is a function of that counter; and each epoch's batches and
+augmentations are drawn from an RNG seeded by ``(seed, epoch)``, so epoch *e* sees the same data
+whether or not the process died before it.
+
+Time budgets: "train for N minutes" is how users and the baseline comparison state compute, so with
+``time_budget_minutes`` the schedule's progress is the larger of steps done and budget used. The
+cosine then reaches its floor when the budget ends instead of being cut off at a high learning rate.
+(A budgeted run depends on machine speed, so it is not bit-reproducible; a step-limited one is.)
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ class LoopConfig:
     seed: int = 0
     monitor: str = "val_dice"
     monitor_mode: str = "max"  # max | min
-    time_budget_minutes: Optional[float] = None  # stop after the epoch that crosses it
+    time_budget_minutes: Optional[float] = None  # stop when used up; the schedule follows it
     progress: bool = True
     optimizer: OptimConfig = field(default_factory=OptimConfig)
 
@@ -99,29 +104,36 @@ class TrainResult:
     minutes: float
 
 
-def lr_table(cfg: LoopConfig) -> np.ndarray:
-    """Per-step learning rates for the whole run (indexed by the optimiser's step counter)."""
+def lr_at(progress: np.ndarray, cfg: LoopConfig) -> np.ndarray:
+    """Learning rate at training progress in [0, 1] (warm-up counted in steps of the full run)."""
     o = cfg.optimizer
-    total = max(1, cfg.epochs * cfg.steps_per_epoch)
-    steps = np.arange(total, dtype=np.float64)
+    p = np.clip(np.asarray(progress, np.float64), 0.0, 1.0)
     if o.schedule == "constant":
-        lr = np.full(total, o.lr)
+        lr = np.full(p.shape, o.lr)
     elif o.schedule == "cosine":
         lo = o.lr * o.min_lr_ratio
-        lr = lo + 0.5 * (o.lr - lo) * (1 + np.cos(np.pi * steps / total))
+        lr = lo + 0.5 * (o.lr - lo) * (1 + np.cos(np.pi * p))
     else:
         raise ValueError(f"unknown schedule {o.schedule!r} (cosine or constant)")
-    warm = int(round(o.warmup_epochs * cfg.steps_per_epoch))
+    total = max(1, cfg.epochs * cfg.steps_per_epoch)
+    warm = o.warmup_epochs * cfg.steps_per_epoch / total
     if warm > 0:
-        lr[:warm] *= (steps[:warm] + 1) / warm
+        lr = lr * np.minimum(1.0, (p * total + 1) / (warm * total))
     return lr.astype(np.float32)
 
 
+def lr_table(cfg: LoopConfig) -> np.ndarray:
+    """Per-step learning rates of a run that is not cut short by a time budget."""
+    total = max(1, cfg.epochs * cfg.steps_per_epoch)
+    return lr_at(np.arange(total) / total, cfg)
+
+
 def make_optimizer(params: list, cfg: LoopConfig) -> Any:
+    """AdamW/Adam whose learning rate is a parameter the train step sets before every update."""
     import mindspore as ms
     import mindspore.nn as nn
 
-    lr = ms.Tensor(lr_table(cfg))
+    lr = ms.Tensor(np.float32(cfg.optimizer.lr))
     name = cfg.optimizer.name.lower()
     if name == "adamw":
         return nn.AdamWeightDecay(params, learning_rate=lr, weight_decay=cfg.optimizer.weight_decay)
@@ -131,8 +143,13 @@ def make_optimizer(params: list, cfg: LoopConfig) -> Any:
 
 
 def make_train_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable:
-    """The compiled (graph-mode) step: forward, loss, gradients, optimiser update; returns the loss."""
+    """The compiled (graph-mode) step ``step(lr, inputs, *targets) -> loss``.
+
+    The learning rate is an input rather than a table inside the optimiser so that a time budget
+    can steer the schedule from outside the graph.
+    """
     import mindspore as ms
+    import mindspore.ops as ops
 
     def forward(inputs, *targets):
         return loss_fn(network(inputs), *targets)
@@ -140,8 +157,9 @@ def make_train_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable
     grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
 
     @ms.jit
-    def step(inputs, *targets):
+    def step(lr, inputs, *targets):
         loss, grads = grad_fn(inputs, *targets)
+        ops.assign(optimizer.learning_rate, lr)
         optimizer(grads)
         return loss
 
@@ -218,11 +236,22 @@ def train(
     _snapshot_config(out, config_snapshot)
 
     step = make_train_step(net, task.loss_fn, optimizer)
-    lrs = lr_table(cfg)
+    total_steps = max(1, cfg.epochs * cfg.steps_per_epoch)
+    budget_s = None if cfg.time_budget_minutes is None else 60.0 * float(cfg.time_budget_minutes)
+    steps_done = start_epoch * cfg.steps_per_epoch
     t0 = time.time()
+
+    def used() -> float:
+        return elapsed_before + time.time() - t0
+
+    def progress() -> float:
+        p = steps_done / total_steps
+        return max(p, used() / budget_s) if budget_s else p
+
+    lr_now = float(lr_at(progress(), cfg))
     for epoch in range(start_epoch, cfg.epochs):
-        if cfg.time_budget_minutes is not None and (elapsed_before + time.time() - t0) / 60 >= cfg.time_budget_minutes:
-            log.info("time budget of %.1f min reached before epoch %d", cfg.time_budget_minutes, epoch + 1)
+        if budget_s is not None and used() >= budget_s:
+            log.info("time budget of %.1f min used up before epoch %d", cfg.time_budget_minutes, epoch + 1)
             break
         rng = np.random.default_rng([cfg.seed, epoch])
         runtime.seed_everything(cfg.seed * 1000 + epoch)
@@ -232,16 +261,18 @@ def train(
         t_epoch = time.time()
         bar = tqdm(total=cfg.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="step")
         for i, batch in enumerate(task.batches(epoch, rng)):
-            if i >= cfg.steps_per_epoch:
+            if i >= cfg.steps_per_epoch or (budget_s is not None and used() >= budget_s):
                 break
+            lr_now = float(lr_at(progress(), cfg))
             tensors = [ms.Tensor(np.ascontiguousarray(a)) for a in batch]
-            loss = float(step(*tensors).asnumpy())
+            loss = float(step(ms.Tensor(np.float32(lr_now)), *tensors).asnumpy())
+            steps_done += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1} step {i + 1}; lower optimizer.lr")
             losses.append(loss)
             seen += len(batch[0])
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr_now:.2e}")
         bar.close()
         train_seconds = time.time() - t_epoch
         net.set_train(False)
@@ -251,7 +282,7 @@ def train(
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "samples": seen,
             "samples_per_s": seen / train_seconds if train_seconds > 0 else float("nan"),
-            "lr": float(lrs[min((epoch + 1) * cfg.steps_per_epoch, len(lrs)) - 1]),
+            "lr": lr_now,
             **{k: float(v) for k, v in metrics.items()},
             "seconds": time.time() - t_epoch,
         }
@@ -262,7 +293,7 @@ def train(
         improved = _better(value, best, cfg.monitor_mode)
         if improved:
             best = float(value)
-        loop_state = {"epoch": epoch, "best": best, "seconds": elapsed_before + time.time() - t0}
+        loop_state = {"epoch": epoch, "best": best, "seconds": used()}
         ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "loop": loop_state}
         if improved:
             runtime.save_checkpoint(best_path, [net], ckpt_meta)
@@ -273,5 +304,5 @@ def train(
         log.info("epoch %d/%d: %s%s", epoch + 1, cfg.epochs, shown, " (best)" if improved else "")
     if not best_path.exists() and last_path.exists():
         runtime.save_checkpoint(best_path, [net], {**meta, "epoch": len(history)})
-    minutes = (elapsed_before + time.time() - t0) / 60
+    minutes = used() / 60
     return TrainResult(history, best_path, last_path, best, minutes)

@@ -88,3 +88,14 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     train(_task(), _cfg(1), tmp_path)
     with pytest.raises(CheckpointError, match="--resume"):
         train(_task(), _cfg(1), tmp_path)
+
+
+def test_time_budget_stops_early_with_the_schedule_run_down(tmp_path):
+    task = _task()
+    cfg = _cfg(1000)
+    cfg.time_budget_minutes = 0.04  # 2.4 s: far fewer than 1000 epochs
+    result = train(task, cfg, tmp_path)
+    assert 1 <= len(result.history) < 1000
+    lr_floor = cfg.optimizer.lr * cfg.optimizer.min_lr_ratio
+    # The cosine followed the budget: the last step ran near the floor, not near the start value.
+    assert result.history[-1]["lr"] < lr_floor + 0.2 * (cfg.optimizer.lr - lr_floor)

@@ -152,13 +152,14 @@ def measure_training(model_cfg: dict, args: argparse.Namespace) -> dict:
     b, p = args.train_batch, args.patch
     x = ms.Tensor(rng.standard_normal((b, 3, p, p)).astype(np.float32))
     y = ms.Tensor((rng.random((b, 1, p, p)) > 0.7).astype(np.float32))
+    lr = ms.Tensor(np.float32(loop.optimizer.lr))
     t0 = time.perf_counter()
     for _ in range(2):
-        float(step(x, y).asnumpy())
+        float(step(lr, x, y).asnumpy())
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.train_steps):
-        float(step(x, y).asnumpy())
+        float(step(lr, x, y).asnumpy())
     seconds = time.perf_counter() - t0
     return {
         "patch": f"{p}x{p}",
