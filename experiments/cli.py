@@ -32,7 +32,7 @@ def _stage_cli_modules() -> list:
     import importlib
 
     modules = [core_cli]
-    for name in ("segmentation.cli", "classification.cli", "fusion.cli", "experiments.commands"):
+    for name in ("segmentation.cli", "classification.cli", "fusion.cli", "experiments.commands", "experiments.commands_compare"):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:  # a stage not built yet must not break the others

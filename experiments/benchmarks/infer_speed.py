@@ -1,0 +1,118 @@
+"""Fused inference speed: seconds per 1024×1024 image and peak memory, on 2 CPU threads.
+
+    python -m experiments.benchmarks.infer_speed [--seg SEG.ckpt --cls CLS.ckpt] [--images 4] [--threads 2]
+
+Images are synthetic brushing fields (``cytocore.synth.render_image``) at 1024×1024, so the
+segmenter finds a realistic number of cells for the classifier. Without checkpoints, untrained
+networks of the default architectures (U-Net ``unet_small``, EfficientNet-B0) are timed: speed
+does not depend on the weights, only the object count does, which a trained model sets. The first
+image is a warm-up (graph compilation) and is reported separately. Peak memory is the process's
+maximum resident set size (MindSpore allocates outside Python, so ``tracemalloc`` would miss it).
+Prints figures; never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLASSES = ["SCC", "AC", "SCLC", "NSCLC"]
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / 1024.0 if sys.platform != "darwin" else kb / 1024.0 / 1024.0
+
+
+def _untrained_checkpoints(folder: Path, seg_scale: float) -> tuple[Path, Path]:
+    from classification.crops import CropConfig
+    from classification.model import ModelConfig, build_network
+    from classification.model_io import checkpoint_meta
+    from cytocore import runtime
+    from segmentation.unet import create_unet, resolve_model_config
+
+    model_cfg = resolve_model_config({"name": "unet_small"})
+    seg_meta = {"stage": "segmentation", "model": model_cfg, "class_names": CLASSES, "mode": "binary",
+                "scale": seg_scale, "input_multiple": 2 ** (model_cfg["depth"] - 1), "threshold": 0.5, "config": {}}
+    seg = runtime.save_checkpoint(folder / "seg.ckpt", [create_unet(**model_cfg)], seg_meta)
+    model = ModelConfig()
+    cls = runtime.save_checkpoint(folder / "cls.ckpt", [build_network(model, len(CLASSES))],
+                                  checkpoint_meta(model, CLASSES, CropConfig()))
+    return seg, cls
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seg", default=None, help="segmentation checkpoint (default: untrained unet_small)")
+    parser.add_argument("--cls", default=None, help="classifier checkpoint (default: untrained efficientnet_b0)")
+    parser.add_argument("--images", type=int, default=4, help="timed images after the warm-up (default 4)")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seg-scale", type=float, default=0.5, help="scale of the untrained segmenter (as trained by default)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", help="fusion config override")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    from cytocore import runtime
+    from cytocore.synth import render_image
+    from fusion.pipeline import Pipeline
+
+    runtime.setup(seed=0, threads=args.threads)
+    rss_start = _peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        seg, cls = (args.seg, args.cls)
+        trained = seg is not None and cls is not None
+        if not trained:
+            seg, cls = _untrained_checkpoints(Path(tmp), args.seg_scale)
+        pipeline = Pipeline(seg, cls, overrides=[*args.overrides, f"runtime.threads={args.threads}"])
+        rng = np.random.default_rng(0)
+        frames = [render_image(rng, args.size, args.size, healthy=False)[0] for _ in range(args.images + 1)]
+        rss_loaded = _peak_rss_mb()
+        timings, objects = [], []
+        warm = None
+        for k, image in enumerate(frames):
+            t0 = time.perf_counter()
+            result = pipeline.run_image(image, f"bench_{k}")
+            seconds = time.perf_counter() - t0
+            if k == 0:
+                warm = seconds
+                continue
+            timings.append(result.timings | {"total": seconds})
+            objects.append(len(result.detections))
+    per_image = [t["total"] for t in timings]
+    figures = {
+        "image_size": f"{args.size}x{args.size}",
+        "threads": args.threads,
+        "checkpoints": "given" if trained else "untrained unet_small (scale %.2f) + efficientnet_b0" % args.seg_scale,
+        "images_timed": len(per_image),
+        "seconds_per_image_median": round(statistics.median(per_image), 3),
+        "seconds_per_image_mean": round(statistics.fmean(per_image), 3),
+        "seconds_first_image_with_compile": round(warm or 0.0, 3),
+        "seconds_segment_median": round(statistics.median(t.get("segment", 0.0) for t in timings), 3),
+        "seconds_classify_median": round(statistics.median(t.get("classify", 0.0) for t in timings), 3),
+        "detections_per_image_median": statistics.median(objects),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "peak_rss_after_setup_mb": round(rss_loaded, 1),
+        "peak_rss_at_start_mb": round(rss_start, 1),
+        "versions": runtime.runtime_info(),
+    }
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        from cytocore.atomic import write_json
+
+        write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # skip MindSpore's noisy Cell.__del__ teardown

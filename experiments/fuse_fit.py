@@ -1,0 +1,300 @@
+"""``cytofuse fuse fit``: choose (and fit) the fusion rule on validation data by the official FROC.
+
+The fusion stage may not import the metric (a stage never imports a later one), so choosing a rule
+lives here: run the pipeline's two networks once over the validation images, keep their candidates
+(boxes, seg scores, class probabilities), then score every candidate rule by the challenge's FROC
+through :func:`experiments.evaluate.evaluate`, exactly as ``cytofuse evaluate`` would.
+
+The logistic rule is fitted on candidates labelled by the metric's own hit test (IoP > 0.5 with a
+ground-truth box of the class). To compare it fairly with the fixed rules, its FROC is measured
+*cross-fitted*: images are split into folds and each fold is scored by a model fitted on the other
+folds; the parameters written to ``fusion.json`` are then refitted on all validation images. The
+best rule's box shrink factor is finally chosen from a grid the same way, and everything measured
+goes into ``fusion.json`` for ``cytofuse infer --fusion fusion.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import time
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cytocore.errors import DataError
+from cytocore.records import Dataset, ImageRecord
+
+log = logging.getLogger("cytofuse")
+
+#: Weights tried for the weighted rules.
+DEFAULT_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 0.75)
+DEFAULT_SHRINKS: tuple[float, ...] = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fuse", help="fusion of segmentation and classifier scores")
+    fsub = p.add_subparsers(dest="fuse_command", metavar="ACTION", required=True)
+    f = fsub.add_parser(
+        "fit",
+        help="choose the fusion rule (and box shrink) by validation FROC; writes fusion.json for `cytofuse infer --fusion`",
+    )
+    f.add_argument("--seg", required=True, metavar="CKPT", help="segmentation checkpoint")
+    f.add_argument("--cls", required=True, metavar="CKPT", help="classifier checkpoint")
+    f.add_argument("--data", required=True, metavar="DIR", help="data set with ground truth (the validation images)")
+    f.add_argument("--out", required=True, metavar="JSON", help="fusion.json to write")
+    f.add_argument("--split", default="val", help="split to fit on (default val; 'all' = every image)")
+    f.add_argument("--format", choices=["auto", "challenge", "voc", "coco"], default="auto", help="data set layout")
+    f.add_argument("--config", default=None, metavar="YAML", help="fusion config (floor, NMS, cap... as for infer)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="config override (repeatable)")
+    f.add_argument("--classes", default=None, metavar="A,B,...", help="class names you expect from the classifier")
+    f.add_argument("--folds", type=int, default=3, help="image folds for the cross-fitted logistic rule's FROC (default 3)")
+    f.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the logistic rule (default 0.01)")
+    f.add_argument("--shrink", default=",".join(f"{s:g}" for s in DEFAULT_SHRINKS), metavar="S1,S2,...",
+                   help="box shrink factors to try with the best rule")
+    f.add_argument("--threads", type=int, default=None, help="CPU threads for MindSpore")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(handler=_fit)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DataError(f"--{what}: expected numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise DataError(f"--{what}: no value given")
+    return values
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from cytocore.atomic import write_json
+    from cytocore.readers import load_dataset
+    from fusion.cli import parse_classes
+    from fusion.pipeline import Pipeline
+
+    shrinks = _floats(args.shrink, "shrink")
+    overrides = list(args.overrides) + ([f"runtime.threads={int(args.threads)}"] if args.threads else [])
+    pipeline = Pipeline(args.seg, args.cls, args.config, classes=parse_classes(args.classes), overrides=overrides)
+    dataset = load_dataset(args.data, format=args.format, class_names=pipeline.class_names)
+    report = fit_fusion(pipeline, dataset, split=None if args.split == "all" else args.split, folds=args.folds,
+                        l2=args.l2, shrinks=shrinks, progress=not args.no_progress)
+    report["data"] = str(args.data)
+    write_json(args.out, report)
+    print(format_report(report))
+    print(f"wrote {args.out}  (use: cytofuse infer ... --fusion {args.out})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- library
+
+
+def validation_records(dataset: Dataset, split: Optional[str]) -> list[ImageRecord]:
+    """The images to fit on: ``split`` if the data set has splits, else every image (with a warning)."""
+    if split is None:
+        return list(dataset.records)
+    if split in dataset.splits():
+        return dataset.subset(split=split).records
+    if not dataset.splits():
+        log.warning("%s has no splits: fitting the fusion on all %d images (hold some out to avoid optimism)",
+                    dataset.root or "data set", len(dataset))
+        return list(dataset.records)
+    raise DataError(f"{dataset.root or 'data set'}: no split {split!r} (splits: {', '.join(dataset.splits())})")
+
+
+def collect_candidates(pipeline, records: Sequence[ImageRecord], progress: bool = True) -> dict:
+    """Both networks' candidates for every record (probability maps dropped to save memory)."""
+    from tqdm import tqdm
+
+    from cytocore.imageio import read_image
+    from fusion.pipeline import Candidates
+
+    out: dict[str, Candidates] = {}
+    for rec in tqdm(records, desc="candidates", unit="img", disable=not progress):
+        image = read_image(rec.path, channel_order=str(pipeline.config.get("channel_order", "RGB")),
+                           max_pixels=pipeline.config.get("max_pixels"))
+        if image.shape[:2] != (rec.height, rec.width):
+            raise DataError(f"{rec.path}: image is {image.shape[1]}x{image.shape[0]} but the annotations say "
+                            f"{rec.width}x{rec.height}")
+        cand = pipeline.candidates(image)
+        cand.probability = np.zeros((0, 0), np.float32)
+        out[rec.image_id] = cand
+    return out
+
+
+def candidate_targets(boxes: np.ndarray, record: ImageRecord, n_classes: int) -> np.ndarray:
+    """``(N, K)`` 0/1: candidate hits a class-c ground-truth box by the metric's test (IoP > 0.5)."""
+    from .metric import IOP_THRESHOLD, iop_matrix
+
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    targets = np.zeros((len(boxes), n_classes), np.uint8)
+    if not len(boxes) or not record.n_boxes:
+        return targets
+    iop = iop_matrix(boxes, record.boxes)
+    labels = record.labels.reshape(record.n_boxes, n_classes).astype(bool)
+    for c in range(n_classes):
+        if labels[:, c].any():
+            targets[:, c] = (iop[:, labels[:, c]] > IOP_THRESHOLD).any(axis=1)
+    return targets
+
+
+def fold_of(records: Sequence[ImageRecord], folds: int, seed: int = 0) -> dict[str, int]:
+    """A fixed random fold per image (images, not candidates, so one image never sits on both sides)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(records))
+    return {records[i].image_id: int(k % folds) for k, i in enumerate(order)}
+
+
+def predictions_for(cands: Mapping, records: Sequence[ImageRecord], class_names: Sequence[str],
+                    rule_for: Callable[[str], object], settings) -> pd.DataFrame:
+    """The predictions table a rule gives on the cached candidates (what infer would write)."""
+    from cytocore.writers import detections_columns
+    from fusion.pipeline import detections_from_candidates
+
+    frames = [
+        detections_from_candidates(r.image_id, cands[r.image_id], r.width, r.height, class_names, rule_for(r.image_id), settings)
+        for r in records
+    ]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({c: [] for c in detections_columns(class_names)})
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """The evaluator's per-call warnings (a class without ground truth...) would repeat for every rule."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def froc_of(dataset: Dataset, records: Sequence[ImageRecord], predictions: pd.DataFrame) -> dict:
+    """Official FROC per class and accuracy of ``predictions`` on ``records``."""
+    from .evaluate import evaluate
+
+    subset = dataset.subset(ids=[r.image_id for r in records])
+    with _quiet(log):
+        metrics = evaluate(subset, predictions.reset_index(drop=True))
+    return {"accuracy": metrics["accuracy"], "froc": metrics["froc"], "n_predictions": metrics["n_predictions"]}
+
+
+def candidate_rules(class_names: Sequence[str], hierarchy, weights: Sequence[float] = DEFAULT_WEIGHTS) -> list:
+    """Every fixed rule to compare (weighted ones at each weight)."""
+    from fusion.rules import RULES, WEIGHTED_RULES, FusionRule
+
+    rules = []
+    for name in RULES:
+        if name == "logistic":
+            continue
+        for w in (weights if name in WEIGHTED_RULES else (0.5,)):
+            rules.append(FusionRule(name=name, weight=w, hierarchy=dict(hierarchy)))
+    return rules
+
+
+def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: int = 3, l2: float = 1e-2,
+               shrinks: Sequence[float] = DEFAULT_SHRINKS, progress: bool = True,
+               weights: Sequence[float] = DEFAULT_WEIGHTS) -> dict:
+    """Measure every rule's validation FROC, fit the logistic rule, pick the best rule and shrink."""
+    from fusion.pipeline import DetectSettings
+    from fusion.rules import fit_logistic_rule
+
+    names = list(pipeline.class_names)
+    if sorted(dataset.class_names) != sorted(names):
+        raise DataError(f"{dataset.root or 'data set'}: classes {', '.join(dataset.class_names)} differ from the "
+                        f"classifier's {', '.join(names)}")
+    records = validation_records(dataset, split)
+    if not records:
+        raise DataError(f"{dataset.root or 'data set'}: no images to fit the fusion on")
+    started = time.time()
+    cands = collect_candidates(pipeline, records, progress)
+    seconds_networks = time.time() - started
+    hierarchy = pipeline.rule.hierarchy
+    settings = pipeline.settings
+    by_id = {r.image_id: r for r in records}
+    targets = {i: candidate_targets(c.boxes, by_id[i], len(names)) for i, c in cands.items()}
+
+    results = []
+    for rule in candidate_rules(names, hierarchy, weights):
+        scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda _i, r=rule: r, settings))
+        results.append({"rule": rule.name, "weight": rule.weight, "description": rule.describe(), **scored})
+
+    # Logistic: cross-fitted FROC, then a final fit on everything.
+    all_ids = [r.image_id for r in records]
+    stack = lambda ids: (  # noqa: E731 - tiny local helper
+        np.concatenate([cands[i].seg_scores for i in ids] + [np.zeros(0)]),
+        np.concatenate([cands[i].cls_probs.reshape(-1, len(names)) for i in ids] + [np.zeros((0, len(names)))]),
+        np.concatenate([targets[i] for i in ids] + [np.zeros((0, len(names)), np.uint8)]),
+    )
+    n_folds = max(2, min(int(folds), len(records)))
+    fold = fold_of(records, n_folds)
+    logistic_note = None
+    if len(records) >= 2:
+        fold_rules = {}
+        for k in range(n_folds):
+            seg, cls, tgt = stack([i for i in all_ids if fold[i] != k])
+            fold_rules[k] = fit_logistic_rule(seg, cls, tgt, names, l2=l2, hierarchy=hierarchy)
+        scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i: fold_rules[fold[i]], settings))
+        results.append({"rule": "logistic", "weight": 0.5, "description": f"logistic (cross-fitted, {n_folds} folds)", **scored})
+    else:
+        logistic_note = "too few images to cross-fit the logistic rule; not compared"
+    seg, cls, tgt = stack(all_ids)
+    final_logistic = fit_logistic_rule(seg, cls, tgt, names, l2=l2, hierarchy=hierarchy)
+
+    ranked = [r for r in results if r["accuracy"] is not None]
+    if not ranked:
+        raise DataError(f"{dataset.root or 'data set'}: the validation images have no ground-truth boxes; FROC is undefined")
+    best = max(ranked, key=lambda r: r["accuracy"])  # first of equals: the simpler rule listed earlier
+    best_rule = final_logistic if best["rule"] == "logistic" else next(
+        rule for rule in candidate_rules(names, hierarchy, weights) if rule.name == best["rule"] and rule.weight == best["weight"])
+
+    # Box shrink with the chosen rule (cross-fitted for logistic, as above).
+    rule_for = (lambda i: fold_rules[fold[i]]) if best["rule"] == "logistic" else (lambda _i: best_rule)
+    shrink_results = []
+    for s in shrinks:
+        trial = DetectSettings(settings.floors, settings.iou, settings.containment, settings.max_detections, float(s))
+        shrink_results.append({"box_shrink": float(s), **froc_of(dataset, records, predictions_for(cands, records, names, rule_for, trial))})
+    best_shrink = max(shrink_results, key=lambda r: (r["accuracy"] or -1, -abs(r["box_shrink"] - 1.0)))
+
+    info = pipeline.checkpoint_info()
+    return {
+        "fusion": best_rule.to_dict(),
+        "box_shrink": best_shrink["box_shrink"],
+        "selected_by": "official FROC accuracy (mean FROC over classes) on the validation images",
+        "selected": best["description"],
+        "validation_accuracy": best_shrink["accuracy"],
+        "split": split,
+        "n_images": len(records),
+        "n_candidates": int(sum(len(c) for c in cands.values())),
+        "n_positive_candidates": {c: int(sum(t[:, j].sum() for t in targets.values())) for j, c in enumerate(names)},
+        "classes": names,
+        "results": results,
+        "shrink_results": shrink_results,
+        "shrink_rule": best["description"],
+        "logistic_fit": final_logistic.to_dict(),  # kept even when not chosen: copy into "fusion" to use it
+        "logistic_l2": l2,
+        "logistic_folds": n_folds,
+        "logistic_note": logistic_note,
+        "settings": {"score_floor": settings.floors.tolist(), "nms_iou": settings.iou, "nms_containment": settings.containment,
+                     "max_detections": settings.max_detections, "config_box_shrink": settings.box_shrink},
+        "checkpoints": {k: {"path": v["path"], "sha256": v["sha256"]} for k, v in info.items()},
+        "seconds_networks": round(seconds_networks, 2),
+        "seconds_total": round(time.time() - started, 2),
+    }
+
+
+def format_report(report: dict) -> str:
+    def num(v: Optional[float]) -> str:
+        return "  -   " if v is None else f"{v:.4f}"
+
+    lines = [f"{'rule':<34} {'accuracy':>8}  " + "  ".join(f"{c:>8}" for c in report["classes"])]
+    for r in report["results"]:
+        lines.append(f"{r['description']:<34} {num(r['accuracy']):>8}  " + "  ".join(f"{num(r['froc'].get(c)):>8}" for c in report["classes"]))
+    lines.append(f"box shrink with {report['shrink_rule']}:")
+    for r in report["shrink_results"]:
+        lines.append(f"  box_shrink {r['box_shrink']:<5g} accuracy {num(r['accuracy'])}")
+    lines.append(f"chosen: {report['selected']} with box_shrink {report['box_shrink']:g} "
+                 f"(validation accuracy {num(report['validation_accuracy'])}, {report['n_images']} images)")
+    return "\n".join(lines)

@@ -1,0 +1,291 @@
+"""Fusion rules: one score per class from the segmentation score and the classifier's probabilities.
+
+The two stages see different things — the U-Net says "there is a cell here, how sure", the
+classifier says "if this crop is a cell, which kind" — so neither alone ranks detections well for
+the FROC: a confident class on a piece of debris, or a clear cell of an unsure class. Each rule
+below combines them differently; the best one for a data set is chosen on validation FROC by
+``cytofuse fuse fit`` and recorded in ``fusion.json`` and ``run.json``.
+
+Rules (``seg`` is the object's segmentation score, ``cls_c`` the classifier's probability of c):
+
+- ``geometric``  ``seg^w · cls_c^(1-w)`` (``w`` = ``weight``)
+- ``product``    ``seg · cls_c``
+- ``arithmetic`` ``w · seg + (1-w) · cls_c``
+- ``classifier`` ``cls_c``
+- ``seg_share``  ``seg · cls_c / Σ_k cls_k`` — the object's seg score split by class share
+- ``logistic``   ``σ(b_c + a_c · [logit seg, logit cls_c, logit max_k cls_k])``: a per-class logistic
+  regression fitted on validation candidates (numpy Newton/IRLS with an L2 penalty).
+
+Multi-label consistency: SCC and AC are sub-types of NSCLC, so a cell scored SCC 0.8 is at least
+NSCLC 0.8; :func:`apply_hierarchy` lifts parents to the max of their children after fusion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share", "logistic")
+#: Rules whose ``weight`` matters.
+WEIGHTED_RULES = frozenset({"geometric", "arithmetic"})
+#: The default hierarchy, used when every name in it is in the class list.
+DEFAULT_HIERARCHY: dict[str, list[str]] = {"NSCLC": ["SCC", "AC"]}
+#: Probabilities are clipped to [EPS, 1-EPS] before taking logits, so 0 and 1 stay finite.
+EPS = 1e-6
+#: Number of logistic features per class.
+N_FEATURES = 3
+FEATURE_NAMES: tuple[str, ...] = ("logit_seg", "logit_cls", "logit_max_cls")
+
+
+@dataclass
+class FusionRule:
+    """A fusion rule and its parameters, as stored in configs, ``fusion.json`` and ``run.json``."""
+
+    name: str = "geometric"
+    weight: float = 0.5
+    hierarchy: dict[str, list[str]] = field(default_factory=dict)
+    logistic: Optional[dict[str, dict[str, Any]]] = None  # class -> {"coef": [3 floats], "intercept": float}
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ValueError(f"unknown fusion rule {self.name!r}; choose one of {', '.join(RULES)}")
+        if not 0.0 <= float(self.weight) <= 1.0:
+            raise ValueError(f"fusion weight must be in [0, 1], got {self.weight}")
+        self.weight = float(self.weight)
+        if self.name == "logistic" and not self.logistic:
+            raise ValueError("the logistic fusion rule needs fitted parameters (run `cytofuse fuse fit`, then pass --fusion fusion.json)")
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"rule": self.name, "weight": self.weight, "hierarchy": {k: list(v) for k, v in self.hierarchy.items()}}
+        if self.logistic is not None:
+            out["logistic"] = {
+                c: {**p, "coef": [float(x) for x in p["coef"]], "intercept": float(p["intercept"])} for c, p in self.logistic.items()
+            }
+        return out
+
+    def describe(self) -> str:
+        if self.name in WEIGHTED_RULES:
+            return f"{self.name}(w={self.weight:g})"
+        return self.name
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any], class_names: Sequence[str]) -> "FusionRule":
+        """Build from the ``fusion:`` config block (or a ``fusion.json``'s), checked against the classes."""
+        name = str(block.get("rule", "geometric"))
+        logistic = block.get("logistic")
+        if logistic is not None:
+            missing = [c for c in class_names if c not in logistic]
+            if missing:
+                raise ValueError(
+                    f"logistic fusion parameters have no entry for class(es) {', '.join(missing)} "
+                    f"(they were fitted for {', '.join(logistic)}); refit with `cytofuse fuse fit`"
+                )
+            for c in class_names:
+                if len(logistic[c].get("coef", [])) != N_FEATURES:
+                    raise ValueError(f"logistic fusion parameters for {c!r} need {N_FEATURES} coefficients")
+        return cls(
+            name=name,
+            weight=float(block.get("weight", 0.5)),
+            hierarchy=resolve_hierarchy(block.get("hierarchy", "auto"), class_names),
+            logistic=dict(logistic) if logistic is not None else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------- hierarchy
+
+
+def resolve_hierarchy(spec: Union[str, None, Mapping[str, Sequence[str]]], class_names: Sequence[str]) -> dict[str, list[str]]:
+    """``"auto"`` → ``{NSCLC: [SCC, AC]}`` restricted to present classes (if NSCLC and a child exist);
+    ``None``/``"none"`` → no hierarchy; a mapping is checked against the class list."""
+    names = list(class_names)
+    if spec is None or (isinstance(spec, str) and spec.lower() in ("none", "off", "")):
+        return {}
+    if isinstance(spec, str):
+        if spec.lower() != "auto":
+            raise ValueError(f"hierarchy must be 'auto', 'none' or a mapping parent: [children], not {spec!r}")
+        out: dict[str, list[str]] = {}
+        for parent, children in DEFAULT_HIERARCHY.items():
+            present = [c for c in children if c in names]
+            if parent in names and present:
+                out[parent] = present
+        return out
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"hierarchy must be 'auto', 'none' or a mapping parent: [children], not {type(spec).__name__}")
+    out = {}
+    for parent, children in spec.items():
+        children = [children] if isinstance(children, str) else list(children)
+        unknown = [n for n in [parent, *children] if n not in names]
+        if unknown:
+            raise ValueError(f"hierarchy names unknown class(es) {', '.join(map(str, unknown))}; classes: {', '.join(names)}")
+        out[str(parent)] = [str(c) for c in children]
+    return out
+
+
+def apply_hierarchy(scores: np.ndarray, class_names: Sequence[str], hierarchy: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Raise each parent's score to at least the max of its children's (returns a copy)."""
+    out = np.array(scores, np.float64, copy=True).reshape(-1, len(class_names))
+    index = {c: i for i, c in enumerate(class_names)}
+    for parent, children in hierarchy.items():
+        kids = [index[c] for c in children]
+        if kids:
+            out[:, index[parent]] = np.maximum(out[:, index[parent]], out[:, kids].max(axis=1))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- fusion
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    q = np.clip(np.asarray(p, np.float64), EPS, 1.0 - EPS)
+    return np.log(q) - np.log1p(-q)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    return np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
+
+
+def logistic_features(seg: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """``(N, K, 3)`` features ``[logit seg, logit cls_c, logit max_k cls_k]`` for every box and class."""
+    s, c = _check(seg, cls)
+    n, k = c.shape
+    feats = np.empty((n, k, N_FEATURES), np.float64)
+    feats[..., 0] = logit(s)[:, None]
+    feats[..., 1] = logit(c)
+    feats[..., 2] = logit(c.max(axis=1) if k else np.zeros(n))[:, None]
+    return feats
+
+
+def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names: Sequence[str]) -> np.ndarray:
+    """``(N, K)`` fused scores in [0, 1] for ``N`` boxes, hierarchy applied."""
+    s, c = _check(seg, cls)
+    if c.shape[1] != len(class_names):
+        raise ValueError(f"classifier gave {c.shape[1]} classes but {len(class_names)} class names were given")
+    w = rule.weight
+    col = s[:, None]
+    if rule.name == "geometric":
+        fused = np.power(col, w) * np.power(c, 1.0 - w)
+    elif rule.name == "product":
+        fused = col * c
+    elif rule.name == "arithmetic":
+        fused = w * col + (1.0 - w) * c
+    elif rule.name == "classifier":
+        fused = c.copy()
+    elif rule.name == "seg_share":
+        total = c.sum(axis=1, keepdims=True)
+        share = np.divide(c, total, out=np.full_like(c, 1.0 / max(c.shape[1], 1)), where=total > 0)
+        fused = col * share
+    elif rule.name == "logistic":
+        fused = logistic_scores(s, c, rule.logistic or {}, class_names)
+    else:  # unreachable: FusionRule checks the name
+        raise ValueError(rule.name)
+    return apply_hierarchy(np.clip(fused, 0.0, 1.0), class_names, rule.hierarchy)
+
+
+def logistic_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> np.ndarray:
+    feats = logistic_features(seg, cls)
+    out = np.empty(feats.shape[:2], np.float64)
+    for j, name in enumerate(class_names):
+        p = params[name]
+        out[:, j] = sigmoid(feats[:, j, :] @ np.asarray(p["coef"], np.float64) + float(p["intercept"]))
+    return out
+
+
+def _check(seg: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(seg, np.float64).reshape(-1)
+    c = np.asarray(cls, np.float64)
+    if len(s) == 0 and c.ndim == 2:
+        return s, c.reshape(0, c.shape[1])
+    c = c.reshape(len(s), -1) if len(s) else c
+    if c.ndim != 2 or len(c) != len(s):
+        raise ValueError(f"{len(s)} segmentation scores but classifier output of shape {np.shape(cls)}")
+    return np.clip(s, 0.0, 1.0), np.clip(c, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ logistic regression
+
+
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, l2: float = 1e-2, max_iter: int = 100, tol: float = 1e-9, sample_weight: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression by Newton's method (IRLS) with step halving.
+
+    Minimises ``mean(w_i · logloss_i) + l2/2 · ||coef||²`` (the intercept is not penalised). The
+    penalty keeps the solution finite on separable data, where a plain maximum-likelihood fit would
+    diverge — and validation candidates of a good model are often nearly separable.
+    """
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64).reshape(-1)
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"features {x.shape} do not match {len(y)} targets")
+    if len(y) == 0 or y.min() == y.max():
+        raise ValueError("logistic fit needs both positive and negative examples")
+    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64).reshape(-1)
+    sw = sw / sw.mean()
+    n, d = x.shape
+    xa = np.hstack([x, np.ones((n, 1))])
+    penalty = np.full(d + 1, float(l2))
+    penalty[-1] = 1e-10  # keep the Hessian invertible without shrinking the intercept
+    theta = np.zeros(d + 1)
+    base = float(np.clip(np.average(y, weights=sw), 1e-6, 1 - 1e-6))
+    theta[-1] = np.log(base / (1 - base))
+
+    def loss(t: np.ndarray) -> float:
+        z = xa @ t
+        # log(1 + e^z) - y z, computed stably
+        return float(np.mean(sw * (np.logaddexp(0.0, z) - y * z)) + 0.5 * np.sum(penalty * t * t))
+
+    current = loss(theta)
+    for _ in range(max_iter):
+        p = sigmoid(xa @ theta)
+        grad = xa.T @ (sw * (p - y)) / n + penalty * theta
+        hess = (xa * (sw * p * (1 - p))[:, None]).T @ xa / n + np.diag(penalty)
+        try:
+            step = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:
+            step = np.linalg.lstsq(hess, grad, rcond=None)[0]
+        scale = 1.0
+        while True:
+            candidate = theta - scale * step
+            new = loss(candidate)
+            if new <= current or scale < 1e-8:
+                break
+            scale /= 2.0
+        theta = candidate
+        improvement = current - new
+        current = new
+        if abs(improvement) < tol or np.max(np.abs(scale * step)) < 1e-10:
+            break
+    return theta[:d], float(theta[d])
+
+
+def fit_logistic_rule(
+    seg: np.ndarray,
+    cls: np.ndarray,
+    targets: np.ndarray,
+    class_names: Sequence[str],
+    l2: float = 1e-2,
+    hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
+) -> FusionRule:
+    """Fit the per-class logistic rule on candidates with ``(N, K)`` 0/1 ``targets`` (hit a GT box of c).
+
+    The fit is unweighted so the scores stay calibrated probabilities: the hierarchy (NSCLC ≥ SCC)
+    and NMS compare scores *across* classes, which re-balanced weights would distort. A class whose
+    targets are all 0 or all 1 cannot be fitted: it gets a fixed rule that ranks like the geometric
+    mean (equal weights on the seg and class logits) and is marked ``fitted: false``.
+    """
+    feats = logistic_features(seg, cls)
+    t = np.asarray(targets, np.float64).reshape(feats.shape[0], -1)
+    if t.shape[1] != len(class_names):
+        raise ValueError(f"targets have {t.shape[1]} classes but {len(class_names)} class names were given")
+    params: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(class_names):
+        y = t[:, j]
+        n_pos = int(y.sum())
+        if n_pos == 0 or n_pos == len(y):
+            params[name] = {"coef": [0.5, 0.5, 0.0], "intercept": 0.0, "fitted": False, "n_pos": n_pos, "n": int(len(y))}
+            continue
+        coef, intercept = fit_logistic(feats[:, j, :], y, l2=l2)
+        params[name] = {"coef": coef.tolist(), "intercept": intercept, "fitted": True, "n_pos": n_pos, "n": int(len(y))}
+    return FusionRule(name="logistic", weight=0.5, hierarchy=dict(hierarchy or {}), logistic=params)

@@ -1,0 +1,147 @@
+"""``cytofuse fuse fit``'s library: candidate labelling, rule selection by FROC, shrink choice, fusion.json.
+
+A stand-in pipeline returns hand-made candidates (no network), so the test checks the selection
+logic itself: a data set where only the classifier knows the class and only the segmenter knows
+real cells from debris must pick a rule that uses both.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytocore.records import Dataset, ImageRecord
+from fusion.pipeline import Candidates, DetectSettings, load_fusion_config
+from fusion.rules import FusionRule
+
+NAMES = ["SCC", "AC", "SCLC", "NSCLC"]
+
+
+class FakePipeline:
+    """Candidates = every GT box (class known to the classifier) + debris boxes the classifier likes."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.class_names = list(NAMES)
+        self.config = load_fusion_config({"score_floor": 0.0})
+        self.rule = FusionRule.from_config(self.config["fusion"], NAMES)
+        self.settings = DetectSettings.from_config(self.config, NAMES)
+        self._by_size = {(r.height, r.width, int(r.path.stem.split("_")[1])): r for r in dataset}
+        self._rng = np.random.default_rng(seed)
+        self.calls = 0
+
+    def candidates(self, image: np.ndarray) -> Candidates:
+        self.calls += 1
+        rec = self._by_size[(image.shape[0], image.shape[1], int(image[0, 0, 0]))]
+        rng = self._rng
+        n, k = rec.n_boxes, len(NAMES)
+        labels = rec.labels.reshape(n, k).astype(float)
+        # Real cells: seg fairly high, classifier right about the class.
+        seg_true = rng.uniform(0.55, 0.95, n)
+        cls_true = np.clip(labels * rng.uniform(0.5, 0.9, (n, k)) + (1 - labels) * rng.uniform(0.0, 0.4, (n, k)), 0, 1)
+        # Debris: low seg, but the classifier is fooled into a high class score.
+        m = 4
+        xy = rng.uniform(0, 1, (m, 2)) * [rec.width - 12, rec.height - 12]
+        debris = np.concatenate([xy, xy + 10], axis=1)
+        debris[:, 1] = rec.height - 11  # bottom strip, away from the cells
+        debris[:, 3] = rec.height - 1
+        seg_false = rng.uniform(0.05, 0.45, m)
+        cls_false = rng.uniform(0.6, 1.0, (m, k))
+        boxes = np.concatenate([rec.boxes.astype(float), debris])
+        return Candidates(np.zeros((0, 0), np.float32), boxes, np.concatenate([seg_true, seg_false]),
+                          np.full(n + m, 50.0), np.concatenate([cls_true, cls_false]))
+
+    def checkpoint_info(self) -> dict:
+        return {"seg": {"path": "seg.ckpt", "sha256": "0" * 64}, "cls": {"path": "cls.ckpt", "sha256": "1" * 64}}
+
+
+def _dataset(tmp_path, n=9) -> Dataset:
+    rng = np.random.default_rng(0)
+    records = []
+    (tmp_path / "images").mkdir()
+    for i in range(n):
+        w, h = 120, 100
+        path = tmp_path / "images" / f"im_{i}.png"
+        Image.fromarray(np.full((h, w, 3), i, np.uint8)).save(path)  # pixel value = index, to find the record
+        nb = 3
+        x = np.arange(nb) * 35.0 + 5
+        boxes = np.stack([x, np.full(nb, 10.0), x + 25, np.full(nb, 40.0)], axis=1)
+        cls = rng.integers(0, 3, nb)
+        labels = np.zeros((nb, 4), np.uint8)
+        labels[np.arange(nb), cls] = 1
+        labels[:, 3] = np.isin(cls, [0, 1])  # SCC/AC are NSCLC too
+        records.append(ImageRecord(f"im_{i}", path, w, h, boxes=boxes, labels=labels, split="val"))
+    return Dataset(records, list(NAMES), root=tmp_path, format="challenge")
+
+
+def test_candidate_targets_use_the_metric_hit_test():
+    from experiments.fuse_fit import candidate_targets
+
+    rec = ImageRecord("a", "a.png", 100, 100, boxes=[[10, 10, 30, 30], [50, 50, 70, 70]], labels=[[1, 0], [0, 1]])
+    cand = np.array([[12, 12, 28, 28], [0, 0, 30, 30], [55, 55, 90, 90], [80, 0, 90, 10]], float)
+    t = candidate_targets(cand, rec, 2)
+    # inside box 1 → class 0; big box IoP 400/900 < 0.5 → miss; half inside box 2 → IoP 225/1225 miss; far → miss
+    assert t.tolist() == [[1, 0], [0, 0], [0, 0], [0, 0]]
+    assert candidate_targets(cand, ImageRecord("h", "h.png", 100, 100), 2).sum() == 0
+
+
+def test_fit_fusion_picks_a_rule_using_both_stages(tmp_path):
+    from experiments.fuse_fit import fit_fusion, format_report
+
+    ds = _dataset(tmp_path)
+    fake = FakePipeline(ds)
+    report = fit_fusion(fake, ds, split="val", folds=3, l2=1e-2, shrinks=(0.8, 1.0), progress=False)
+    assert fake.calls == len(ds)  # each image through the networks once
+    by_name = {r["description"]: r for r in report["results"]}
+    assert {"classifier", "product", "seg_share", "geometric(w=0.5)", "arithmetic(w=0.25)"} <= set(by_name)
+    assert any(d.startswith("logistic") for d in by_name)
+    # the classifier alone ranks fooled debris first; rules using the seg score must beat it
+    assert by_name["product"]["accuracy"] > by_name["classifier"]["accuracy"]
+    best = max(r["accuracy"] for r in report["results"])
+    assert report["fusion"]["rule"] in {r["rule"] for r in report["results"] if r["accuracy"] == best}
+    assert by_name[report["selected"]]["accuracy"] == best
+    assert report["fusion"]["hierarchy"] == {"NSCLC": ["SCC", "AC"]}
+    assert [s["box_shrink"] for s in report["shrink_results"]] == [0.8, 1.0]
+    assert report["box_shrink"] in (0.8, 1.0)
+    assert report["n_positive_candidates"]["NSCLC"] > 0
+    # the file works as --fusion input
+    path = tmp_path / "fusion.json"
+    path.write_text(json.dumps(report))
+    cfg = load_fusion_config(None, (), path)
+    assert FusionRule.from_config(cfg["fusion"], NAMES).name == report["fusion"]["rule"]
+    assert cfg["box_shrink"] == report["box_shrink"]
+    assert "chosen:" in format_report(report)
+
+
+def test_logistic_parameters_from_fit_are_usable(tmp_path):
+    from experiments.fuse_fit import fit_fusion
+
+    ds = _dataset(tmp_path)
+    report = fit_fusion(FakePipeline(ds), ds, split="val", folds=2, shrinks=(1.0,), progress=False)
+    logistic = next(r for r in report["results"] if r["rule"] == "logistic")
+    assert logistic["accuracy"] is not None
+    if report["fusion"]["rule"] == "logistic":
+        rule = FusionRule.from_config(report["fusion"], NAMES)
+        assert set(rule.logistic) == set(NAMES)
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    from cytocore.errors import DataError
+    from experiments.fuse_fit import fit_fusion
+
+    ds = _dataset(tmp_path, n=2)
+    with pytest.raises(DataError, match="no split 'validation'"):
+        fit_fusion(FakePipeline(ds), ds, split="validation", progress=False)
+
+
+def test_fuse_fit_command_registers_and_parses():
+    import argparse
+
+    from experiments.fuse_fit import register
+
+    parser = argparse.ArgumentParser(prog="cytofuse")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["fuse", "fit", "--seg", "s.ckpt", "--cls", "c.ckpt", "--data", "d", "--out", "f.json",
+                              "--shrink", "0.8,0.9", "--folds", "4"])
+    assert args.handler.__name__ == "_fit" and args.split == "val" and args.folds == 4 and args.shrink == "0.8,0.9"
