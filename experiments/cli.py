@@ -32,7 +32,15 @@ def _stage_cli_modules() -> list:
     import importlib
 
     modules = [core_cli]
-    for name in ("segmentation.cli", "classification.cli", "fusion.cli", "experiments.commands", "experiments.commands_compare"):
+    for name in (
+        "segmentation.cli",
+        "classification.cli",
+        "fusion.cli",
+        "experiments.commands",
+        "experiments.fuse_fit",
+        "experiments.commands_compare",
+        "experiments.commands_research",
+    ):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:  # a stage not built yet must not break the others
