@@ -16,3 +16,24 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data set {name!r} not found at {path} (set CYTOFUSE_SHARED_DATASETS)")
     return path
+
+
+_exit_status: dict = {}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """Leave without interpreter teardown, as the ``cytofuse`` command does.
+
+    MindSpore's ``Cell.__del__`` raises hundreds of harmless AttributeErrors while Python tears its
+    modules down, burying pytest's summary line; the summary is already printed when this runs.
+    """
+    if "code" in _exit_status and not hasattr(config, "workerinput"):
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status["code"])
