@@ -1,0 +1,67 @@
+"""Subcommands ``cytofuse compare`` and ``cytofuse demo`` (experiments stage).
+
+Heavy modules (MindSpore, the stages) are imported inside the handlers so ``cytofuse --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="train the two-stage system and the single-stage baseline, test both, write report.md",
+        description=(
+            "Train (or reuse, when OUT already holds finished runs) the segmentation U-Net, the classifier and "
+            "the single-stage baseline on one split, run both systems on the test split, score them with the "
+            "challenge's metric and write OUT/report.md and OUT/results.json. Run it again to resume."
+        ),
+    )
+    c.add_argument("--config", required=True, metavar="YAML",
+                   help="comparison config, e.g. experiments/configs/monusac.yaml (schema: experiments/configs/compare_defaults.yaml)")
+    c.add_argument("--out", required=True, metavar="DIR", help="run folder (reused on a second run)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set budget.seg_minutes=4 (repeatable)")
+    c.add_argument("--no-progress", action="store_true", help="no tqdm bars (phase log lines stay)")
+    c.set_defaults(handler=_compare)
+
+    d = sub.add_parser(
+        "demo",
+        help="everything on synthetic data in one folder: train, compare, report (about 15 min on 2 CPU cores)",
+        description=(
+            "Generate the synthetic lung-cytology set, train the two-stage system and the single-stage baseline, "
+            "run and score both on the test split, print the table and write OUT/README.md saying what to open."
+        ),
+    )
+    d.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default demo_out; reused on a second run)")
+    d.add_argument("--quick", action="store_true", help="a one-minute wiring check on tiny images (numbers meaningless)")
+    d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of experiments/configs/demo.yaml (repeatable)")
+    d.add_argument("--no-progress", action="store_true", help="no tqdm bars (phase log lines stay)")
+    d.set_defaults(handler=_demo)
+
+
+def _no_progress(args: argparse.Namespace) -> list[str]:
+    return list(args.overrides) + (["progress=false"] if args.no_progress else [])
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import load_compare_config, run_compare
+    from .demo import summary_text
+
+    cfg = load_compare_config(args.config, _no_progress(args))
+    results = run_compare(cfg, args.out)
+    if "systems" in results and isinstance(results["systems"], dict):
+        print(summary_text(results))
+    else:
+        print(open(results["report"], encoding="utf-8").read())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo, summary_text
+
+    results = run_demo(args.out, quick=args.quick, overrides=_no_progress(args))
+    print(summary_text(results))
+    print(f"Start with {args.out}/README.md")
+    return 0

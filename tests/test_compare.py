@@ -1,0 +1,263 @@
+"""``cytofuse compare`` without training: config checks, data and split handling, budgets, stage reuse,
+and the scoring → report wiring on hand-made system outputs whose numbers are known."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cytocore.errors import CytoFuseError, DataError
+from cytocore.records import Dataset, ImageRecord
+from experiments import compare as cmp
+
+NAMES = ["A", "B"]
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def _cfg(tmp_path=None, **data) -> dict:
+    cfg = cmp.load_compare_config(None)
+    cfg["data"].update(data)
+    cfg["progress"] = False
+    return cfg
+
+
+def test_config_rejects_unknown_keys_and_systems(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budget: {seg_minuts: 3}\n")
+    with pytest.raises(CytoFuseError, match="seg_minuts"):
+        cmp.load_compare_config(bad)
+    bad.write_text("systems: [two-stage, yolo]\n")
+    with pytest.raises(CytoFuseError, match="systems"):
+        cmp.load_compare_config(bad)
+    bad.write_text("systems: [classifier, single-stage]\n")
+    with pytest.raises(CytoFuseError, match="classifier-only"):
+        cmp.load_compare_config(bad)
+
+
+def test_config_paths_are_relative_to_the_repo():
+    assert cmp.repo_path("../shared/datasets/x") == (cmp.REPO_ROOT.parent / "shared" / "datasets" / "x").resolve()
+    assert cmp.repo_path("/abs/path") == Path("/abs/path")
+
+
+def test_missing_data_set_is_one_clear_line(tmp_path):
+    cfg = _cfg(path="../shared/datasets/no_such_set_here")
+    with pytest.raises(DataError) as info:
+        cmp.prepare_data(cfg, tmp_path / "out")
+    message = str(info.value)
+    assert "\n" not in message and "no_such_set_here" in message and "not found" in message
+
+
+def test_stage_configs_share_data_seed_budget_and_the_unet(tmp_path):
+    cfg = _cfg()
+    cfg["seed"] = 7
+    cfg["seg"] = {"model": {"name": "unet_tiny"}, "train": {"steps_per_epoch": 5}}
+    cfg["baseline"] = {"train": {"steps_per_epoch": 6}}
+    seg = cmp.seg_stage_config(cfg, tmp_path, 2.5)
+    assert seg["train"]["seed"] == 7 and seg["train"]["time_budget_minutes"] == 2.5
+    assert seg["targets"]["mode"] == "binary" and seg["data"]["path"] == str(tmp_path)
+    base = cmp.baseline_stage_config(cfg, tmp_path, 4.0, epochs=9)
+    # Same U-Net as the segmentation stage, the single-stage targets, its own overrides and budget.
+    assert base["model"]["name"] == "unet_tiny" and base["targets"]["mode"] == "classes"
+    assert base["train"]["steps_per_epoch"] == 6 and base["train"]["epochs"] == 9
+    assert base["train"]["time_budget_minutes"] == 4.0
+    cls = cmp.cls_stage_config(cfg, tmp_path, 1.0)
+    assert cls["train"]["seed"] == 7 and cls["data"]["val_split"] == "val"
+    cfg["seg"] = {"model": {"nmae": "x"}}
+    with pytest.raises(CytoFuseError, match="nmae"):
+        cmp.seg_stage_config(cfg, tmp_path, 1.0)
+
+
+def test_baseline_budget_is_both_stages_minutes():
+    cfg = _cfg()
+    seg, cls = {"minutes": 2.0, "epochs": 4}, {"minutes": 1.0, "epochs": 3}
+    assert cmp.baseline_budget(cfg, seg, cls) == (3.0, 9)  # 1.5 x 4 epochs x 3/2 minutes
+    cfg["budget"]["baseline_minutes"], cfg["budget"]["baseline_epochs"] = 5, 10
+    assert cmp.baseline_budget(cfg, seg, cls) == (5.0, 10)
+    cfg["budget"]["baseline_minutes"] = "auto"
+    with pytest.raises(CytoFuseError, match="two-stage"):
+        cmp.baseline_budget(cfg, None, None)
+
+
+def test_phase_names():
+    assert cmp.phase_names(["two-stage", "single-stage"], True) == [
+        "data", "train segmentation", "train classifier", "train single-stage", "fit fusion",
+        "infer two-stage", "infer single-stage", "evaluate", "report"]
+    assert cmp.phase_names(["classifier"], False)[1] == "train classifier"
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _records(root: Path) -> list[ImageRecord]:
+    """Five 32x32 images with masks: three with one class-A box each, two healthy."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    records = []
+    for i in range(5):
+        img = np.full((32, 32, 3), 220, np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        boxes, labels = np.zeros((0, 4)), np.zeros((0, 2))
+        if i < 3:
+            img[8:16, 8:16] = 60
+            mask[8:16, 8:16] = 255
+            boxes, labels = np.array([[8, 8, 16, 16]]), np.array([[1, 0]])
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"im{i}.png")
+        records.append(ImageRecord(f"im{i}", root / "images" / f"im{i}.png", 32, 32, boxes, labels,
+                                   mask_path=root / "masks" / f"im{i}.png"))
+    return records
+
+
+def test_split_is_made_once_written_and_reused(tmp_path):
+    from cytocore.writers import write_challenge_dataset
+
+    data = tmp_path / "data"
+    write_challenge_dataset(Dataset(_records(tmp_path / "src"), NAMES), data)
+    out = tmp_path / "out"
+    cfg = _cfg(path=str(data), split_seed=3)
+    ds, path = cmp.prepare_data(cfg, out)
+    assert path == data and all(r.split in ("train", "val", "test") for r in ds.records)
+    first = pd.read_csv(out / "splits.csv")
+    assert len(first) == 5
+    # Another seed later does not move images between splits: the written split wins.
+    cfg["data"]["split_seed"] = 99
+    ds2, _ = cmp.prepare_data(cfg, out)
+    assert {r.image_id: r.split for r in ds2.records} == {r.image_id: r.split for r in ds.records}
+
+
+def test_test_images_are_linked_by_image_id(tmp_path):
+    records = _records(tmp_path / "src")
+    for r, split in zip(records, ["train", "test", "test", "val", "test"]):
+        r.split = split
+    folder = tmp_path / "links"
+    folder.mkdir()
+    (folder / "stale.png").write_bytes(b"x")
+    cmp.link_split_images(Dataset(records, NAMES), "test", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["im1.png", "im2.png", "im4.png"]
+    assert (folder / "im1.png").resolve() == (tmp_path / "src" / "images" / "im1.png").resolve()
+    with pytest.raises(DataError, match="holdout"):
+        cmp.link_split_images(Dataset(records, NAMES), "holdout", folder)
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+def test_finished_stage_is_reused_and_a_changed_config_refused(tmp_path):
+    cfg = {"train": {"monitor": "val_dice", "time_budget_minutes": 3, "epochs": 4, "progress": True}, "model": {"depth": 3}}
+    folder = tmp_path / "seg"
+    folder.mkdir()
+    (folder / "best.ckpt").write_bytes(b"weights")
+    done = {"stage": "segmentation", "best_checkpoint": str(folder / "best.ckpt"), "minutes": 1.0, "epochs": 2,
+            "config_hash": cmp.config_hash(cfg)}
+    (folder / "done.json").write_text(json.dumps(done))
+
+    def must_not_train():
+        raise AssertionError("a finished stage was trained again")
+
+    # Progress bars and the budget do not change what a finished run learned.
+    same = {**cfg, "train": {**cfg["train"], "progress": False, "time_budget_minutes": 9}}
+    assert cmp.run_stage("segmentation", folder, same, must_not_train)["minutes"] == 1.0
+    other = {**cfg, "model": {"depth": 4}}
+    with pytest.raises(CytoFuseError, match="another config"):
+        cmp.run_stage("segmentation", folder, other, must_not_train)
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def _system(folder: Path, records, det_rows, malignancy, seconds, saliency):
+    """Write what a pipeline writes: predictions.csv, images.csv, run.json, saliency/, overlays/."""
+    from cytocore.writers import detections_frame, write_predictions_csv
+
+    folder.mkdir(parents=True)
+    frames = [detections_frame(i, np.array([box]), np.array([p]), NAMES, (32, 32)) for i, box, p in det_rows]
+    write_predictions_csv(folder / "predictions.csv", pd.concat(frames, ignore_index=True), NAMES)
+    pd.DataFrame({"image_id": [r.image_id for r in records], "width": 32, "height": 32, "n_detections": 1,
+                  "malignancy": [malignancy[r.image_id] for r in records], "seconds": 0.0}).to_csv(folder / "images.csv", index=False)
+    timings = {r.image_id: {"segment": seconds[r.image_id], "classify": 0.0, "fuse": 0.0, "write": 5.0} for r in records}
+    (folder / "run.json").write_text(json.dumps({"timings": timings, "n_failed": 0, "fusion": {"description": "geometric(w=0.5)"}}))
+    (folder / "saliency").mkdir()
+    (folder / "overlays").mkdir()
+    for r in records:
+        Image.fromarray(saliency(r)).save(folder / "saliency" / f"{r.image_id}.png")
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(folder / "overlays" / f"{r.image_id}.png")
+
+
+def test_scores_and_report_on_a_tiny_fixture(tmp_path):
+    from experiments.report import build_report
+
+    records = _records(tmp_path / "data")
+    for r, split in zip(records, ["train", "test", "test", "val", "test"]):
+        r.split = split
+    ds = Dataset(records, NAMES)
+    test = ds.subset(split="test").records  # im1 (box), im2 (box), im4 (healthy)
+    assert [r.image_id for r in test] == ["im1", "im2", "im4"]
+
+    def wide(r):  # saliency on rows 8..15, cols 8..19: 96 px over a 64 px mask (healthy: all zero)
+        s = np.zeros((32, 32), np.uint8)
+        if r.n_boxes:
+            s[8:16, 8:20] = 255
+        return s
+
+    # System "good": both cells found (A), healthy image scored low; median time 2 s.
+    _system(tmp_path / "good", test, [("im1", [8, 8, 16, 16], [0.9, 0.1]), ("im2", [8, 8, 16, 16], [0.8, 0.1])],
+            {"im1": 0.9, "im2": 0.8, "im4": 0.1}, {"im1": 9.0, "im2": 2.0, "im4": 1.0}, wide)
+    # System "poor": one false positive, the healthy image scored highest.
+    _system(tmp_path / "poor", test, [("im4", [0, 0, 6, 6], [0.7, 0.2])],
+            {"im1": 0.0, "im2": 0.0, "im4": 0.7}, {"im1": 1.0, "im2": 1.0, "im4": 1.0}, lambda r: np.zeros((32, 32), np.uint8))
+
+    overlays = cmp.pick_overlays(test, 2)
+    assert overlays == ["im1", "im4"]  # the image with most boxes (ties by id), then one healthy image
+    good = cmp.score_system(ds, "test", tmp_path / "good", 0.5, overlays)
+    poor = cmp.score_system(ds, "test", tmp_path / "poor", 0.5, overlays)
+
+    assert good["metrics"]["froc"]["A"] == pytest.approx(1.0) and good["metrics"]["n_images"] == 3
+    assert poor["metrics"]["froc"]["A"] == pytest.approx(0.0)
+    assert good["triage"]["roc_auc"] == pytest.approx(1.0) and poor["triage"]["roc_auc"] == pytest.approx(0.0)
+    # Pooled over the two masked cancer images: Dice = 2·64 / (96 + 64) each; healthy adds nothing.
+    assert good["segmentation"]["dice"] == pytest.approx(2 * 128 / (192 + 128))
+    assert good["segmentation"]["iou"] == pytest.approx(128 / 192)
+    assert good["infer_seconds_per_image"] == pytest.approx(2.0)  # median, file writing excluded
+    assert set(good["overlays"]) == {"im1", "im4"}
+    assert (tmp_path / "good" / "metrics.json").is_file()
+
+    results = {"dataset": {"name": "tiny", "path": "x", "split": "test", "n_images": 3, "n_boxes": 2},
+               "seed": 0, "budget": "test budget", "systems": {"good": {**good, "train_minutes": 1.0},
+                                                               "poor": {**poor, "train_minutes": 1.0}}}
+    report = build_report(results, tmp_path / "report")
+    text = report.read_text()
+    assert "| good |" in text and "| poor |" in text and "test budget" in text
+    assert (tmp_path / "report" / "overlay_im1.png").is_file() and (tmp_path / "report" / "froc_A.png").is_file()
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["systems"]["good"]["segmentation"]["dice"] == pytest.approx(0.8)
+
+
+def test_classifier_report_lists_every_class():
+    metrics = {"auc_A": 0.9, "ap_A": 0.8, "bacc_A": 0.75, "auc_B": float("nan"), "ap_B": 0.5, "bacc_B": 0.5,
+               "mean_auc": 0.9, "mean_ap": 0.65, "mean_bacc": 0.625, "argmax_accuracy": 0.7,
+               "argmax_balanced_accuracy": 0.65, "n_items": 10, "n_per_class": {"A": 6, "B": 4},
+               "infer_seconds_per_item": 0.01, "checkpoint": "/x/last.ckpt"}
+    results = {"dataset": {"name": "tiles", "path": "p", "split": "val", "splits": {"train": 20, "val": 10},
+                           "classes": NAMES}, "seed": 0, "metrics": metrics,
+               "training": {"minutes": 1.5, "epochs": 3, "samples": 96, "budget_minutes": 2}}
+    text = cmp.classifier_report(results)
+    assert "| A | 0.900 | 0.800 | 0.750 | 6 |" in text and "| B | – | 0.500 | 0.500 | 4 |" in text
+    assert "accuracy 0.700" in text and "last.ckpt" in text
+
+
+def test_commands_register():
+    from experiments import commands_compare
+
+    parser = argparse.ArgumentParser()
+    commands_compare.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--config", "c.yaml", "--out", "o", "--set", "seed=1", "--no-progress"])
+    assert args.overrides == ["seed=1"] and args.no_progress and callable(args.handler)
+    args = parser.parse_args(["demo", "--quick"])
+    assert args.out == "demo_out" and args.quick
