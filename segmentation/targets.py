@@ -15,7 +15,9 @@ Challenge annotations are boxes, so a box has to become a cell-shaped region:
   ellipse; MoNuSAC H&E nuclei 0.88 vs 0.92 (nuclei are ellipses, and tissue leaves no glass to
   compare with), so it suits cytology's clear background, not dense tissue.
 - ``mask``: the data set's ``masks/<id>.png`` (nonzero = cell). ``auto`` uses the mask of every
-  image that has one and the ellipse elsewhere.
+  image that has one and the ellipse elsewhere. ``targets.mask_dir`` replaces the data set's masks
+  by ``<mask_dir>/<image_id>.png`` (:func:`records_with_mask_dir`): how pseudo-masks made from boxes
+  alone, e.g. the classifier's CAMs (``cytofuse weak-masks``), become training targets.
 
 Class-index maps (the single-stage baseline, ``mode: classes``): ``0`` = background, ``k + 1`` =
 class ``k`` in header order. Each box paints its footprint (mask ∩ box when the image has a mask,
@@ -31,8 +33,9 @@ Everything works at the scale the network sees: images are resized by ``data.sca
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -261,6 +264,26 @@ def class_target(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, num_c
     for i in np.argsort(-areas, kind="stable"):  # largest first, so smaller boxes paint over them
         if classes[i] >= 0:
             out[shapes[i]] = classes[i] + 1
+    return out
+
+
+def records_with_mask_dir(records: Sequence[ImageRecord], mask_dir: Union[str, Path]) -> list[ImageRecord]:
+    """Copies of ``records`` whose mask is ``<mask_dir>/<image_id>.png`` (``None`` where it has none).
+
+    The data set's own masks are dropped, not mixed in: a folder of pseudo-masks must stand alone,
+    or a comparison of target kinds would quietly train on the real masks it is compared with.
+    A folder that is missing, or that holds a mask for none of the records, is an error naming it.
+    """
+    folder = Path(mask_dir)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: targets.mask_dir is not a folder")
+    out = []
+    for r in records:
+        path = folder / f"{r.image_id}.png"
+        out.append(replace(r, mask_path=path if path.is_file() else None))
+    if records and not any(r.mask_path is not None for r in out):
+        raise DataError(f"{folder}: targets.mask_dir holds no <image_id>.png for any of these images "
+                        f"(e.g. {records[0].image_id}.png)")
     return out
 
 

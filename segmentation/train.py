@@ -170,8 +170,13 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
     t, p, v = cfg["targets"], cfg["patches"], cfg["validation"]
     if t["mode"] not in MODES:
         raise CytoFuseError(f"targets.mode must be one of {', '.join(MODES)}, got {t['mode']!r}")
+    if t["kind"] == "cam":  # needs the classifier, which this stage must not import
+        raise CytoFuseError("targets.kind 'cam' is two steps: `cytofuse weak-masks --cls CKPT --data DIR --out MASKDIR`, "
+                            "then train with --set targets.kind=mask --set targets.mask_dir=MASKDIR")
     if t["kind"] not in TARGET_KINDS:
         raise CytoFuseError(f"targets.kind must be one of {', '.join(TARGET_KINDS)}, got {t['kind']!r}")
+    if t.get("mask_dir") and t["kind"] not in ("mask", "auto"):
+        raise CytoFuseError(f"targets.mask_dir is read only by targets.kind mask or auto, not {t['kind']!r}")
     try:
         RefineOptions(**t["refine"])
         loop = LoopConfig.from_dict(cfg["train"], cfg["optimizer"])
@@ -213,6 +218,11 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
     multiple = 2 ** (int(model_cfg["depth"]) - 1)
 
     train_recs, val_recs = split_records(ds, cfg)
+    if t.get("mask_dir"):
+        from .targets import records_with_mask_dir
+
+        train_recs = records_with_mask_dir(train_recs, t["mask_dir"])
+        val_recs = records_with_mask_dir(val_recs, t["mask_dir"])
     refine = RefineOptions(**t["refine"])
     common = dict(scale=scale, mode=mode, kind=kind, num_classes=num_classes, refine=refine, progress=progress)
     train_samples = load_samples(train_recs, min_size=int(p["size"]), desc="train images", **common)
