@@ -239,10 +239,7 @@ def prepare_data(cfg: Mapping[str, Any], out: Path) -> tuple[Dataset, Path]:
         path, fmt = repo_path(d["path"]), d.get("format", "auto")
         if not path.exists():
             raise DataError(f"data set not found: {d['path']} (looked in {path}); put it there or set data.path")
-    ds = load_dataset(path, format=fmt)
-    errors = [p for p in ds.problems if p.severity == "error"]
-    if errors:
-        log.warning("%s: %d problem(s) found while reading (first: %s); those rows were skipped", path, len(errors), errors[0])
+    ds = load_dataset(path, format=fmt)  # the readers log each problem (skipped rows) themselves
     split_file = out / "splits.csv"
     if split_file.is_file():
         ds = apply_splits(ds, load_split_file(split_file))
@@ -597,6 +594,8 @@ def dataset_info(cfg: Mapping[str, Any], ds: Dataset, path: Path, split: str) ->
         "n_healthy": int(sum(r.n_boxes == 0 for r in test.records)),
         "splits": {s: len(ds.subset(split=s)) for s in ds.splits()},
         "split_seed": int(cfg["data"]["split_seed"]),
+        "n_problems": sum(p.severity == "error" for p in ds.problems),
+        "problems": [str(p) for p in ds.problems if p.severity == "error"][:5],
     }
 
 
@@ -625,6 +624,8 @@ def report_notes(results: Mapping[str, Any], runs: Mapping[str, dict], systems: 
     notes.append(f"Split: {', '.join(f'{k} {v}' for k, v in ds['splits'].items())} images (seed {ds['split_seed']}, "
                  "fixed in splits.csv); every system trained on the train split, chose its checkpoint on val "
                  f"and is scored on {ds['split']} ({ds['n_healthy']} healthy image(s) included).")
+    if ds.get("n_problems"):
+        notes.append(f"Data: {ds['n_problems']} annotation problem(s) skipped while reading (first: {ds['problems'][0]}).")
     if TWO_STAGE in systems:
         fusion = results["systems"][TWO_STAGE].get("fusion")
         how = "chosen on val by `cytofuse fuse fit`" if cfg.get("fusion_fit") else "from the config, not tuned"

@@ -133,6 +133,9 @@ def make_cam_masks(cls_checkpoint: PathLike, dataset: Dataset, out_dir: PathLike
         raise DataError(f"{dataset.root or 'data set'}: classes {', '.join(missing)} are not among the classifier's "
                         f"({', '.join(classifier.class_names)}, {cls_path}); use a classifier trained on this data set's classes")
     out = Path(out_dir)
+    real = {Path(r.mask_path).resolve().parent for r in dataset.records if r.mask_path is not None}
+    if out.resolve() in real:
+        raise CytoFuseError(f"{out}: holds the data set's own masks; write the pseudo-masks to another folder")
     out.mkdir(parents=True, exist_ok=True)
     settings = _settings(cls_path, options)
     manifest_path = out / MANIFEST
@@ -231,6 +234,20 @@ def real_mask_validation(checkpoint: PathLike, ds: Dataset, seg_cfg: dict) -> di
     return out
 
 
+def cam_folder_name(cls_checkpoint: PathLike, options: CamMaskOptions) -> str:
+    """``cam_masks-<digest>``: one folder per classifier and CAM settings.
+
+    The segmentation run trained on the masks names the folder in its config, so another
+    classifier or threshold changes that config's fingerprint and the finished run is not
+    mistaken for one trained on the new masks.
+    """
+    import hashlib
+
+    settings = {k: v for k, v in _settings(Path(cls_checkpoint), options).items() if k != "classifier"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:10]
+    return f"cam_masks-{digest}"
+
+
 def kind_seg_config(cfg: dict, kind: str, data_path: Path, mask_dir: Optional[Path]) -> dict:
     """The segmentation stage's config for one target kind (same budget, seed and options otherwise)."""
     from .compare import seg_stage_config
@@ -296,11 +313,13 @@ def run_targets_compare(cfg: dict, out_dir: PathLike) -> dict:
     if cls_ckpt is not None:
         phases.note(f"classifier: {cls_ckpt}")
 
-    mask_dir = out / "cam_masks"
+    mask_dir = None
     cam_manifest = None
     if "cam" in kinds:
         phases.start("CAM masks", f"threshold {t['cam']['threshold']}, stride {t['cam']['stride']}")
-        cam_manifest = make_cam_masks(cls_ckpt, ds, mask_dir, CamMaskOptions(**t["cam"]), progress=progress)
+        options = CamMaskOptions(**t["cam"])
+        mask_dir = out / cam_folder_name(cls_ckpt, options)
+        cam_manifest = make_cam_masks(cls_ckpt, ds, mask_dir, options, progress=progress)
         cam_manifest = {k: v for k, v in cam_manifest.items() if k != "images"}
 
     phases.start("target agreement", f"split {d['train_split']}, scale {scale:g}")

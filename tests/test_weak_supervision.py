@@ -281,6 +281,9 @@ def test_weak_masks_cli_end_to_end(tmp_path, capsys):
     assert run(["weak-masks", "--cls", str(ckpt), "--data", str(data), "--out", str(out), "--stride", "8",
                 "--threshold", "0.3", "--no-progress"]) == 0
     assert (out / "im0.png").stat().st_mtime_ns != stamp
+    # the data set's own masks are never overwritten
+    assert run(["weak-masks", "--cls", str(ckpt), "--data", str(data), "--out", str(data / "masks"), "--no-progress"]) == 2
+    assert "holds the data set's own masks" in capsys.readouterr().err
     # a classifier of other classes is refused in one line
     other = _tiny_classifier(tmp_path / "other.ckpt", ["X", "Y"])
     assert run(["weak-masks", "--cls", str(other), "--data", str(data), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
@@ -344,6 +347,9 @@ def test_targets_compare_end_to_end_on_tiny_synthetic_data(tmp_path, capsys):
     out = tmp_path / "t"
     (tmp_path / "tiny.yaml").write_text(TINY_TARGETS)
     assert run(["targets-compare", "--config", str(tmp_path / "tiny.yaml"), "--out", str(out)]) == 0
+    assert "| real masks |" in capsys.readouterr().out
+    md = (out / "targets.md").read_text()
+    assert "| real masks | 1.000 |" in md and "CAM pseudo-masks" in md and "inscribed ellipses" in md
     results = json.loads((out / "targets.json").read_text())
     assert results["kinds"] == ["mask", "ellipse", "cam"]
     assert results["target_agreement"]["mask"]["dice"] == 1.0
@@ -357,7 +363,13 @@ def test_targets_compare_end_to_end_on_tiny_synthetic_data(tmp_path, capsys):
     import yaml
 
     cam_cfg = yaml.safe_load((out / "seg_cam" / "config.yaml").read_text())
-    assert cam_cfg["targets"]["kind"] == "mask" and cam_cfg["targets"]["mask_dir"] == str(out / "cam_masks")
-    md = (out / "targets.md").read_text()
-    assert "| real masks | 1.000 |" in md and "CAM pseudo-masks" in md and "inscribed ellipses" in md
-    assert "| real masks |" in capsys.readouterr().out
+    mask_dir = Path(cam_cfg["targets"]["mask_dir"])
+    assert cam_cfg["targets"]["kind"] == "mask" and mask_dir.parent == out and mask_dir.name.startswith("cam_masks-")
+    assert len(list(mask_dir.glob("*.png"))) == 10
+    # a rerun reuses everything; another CAM threshold makes new masks and refuses the stale CAM run
+    stamp = (out / "seg_cam" / "best.ckpt").stat().st_mtime_ns
+    assert run(["targets-compare", "--config", str(tmp_path / "tiny.yaml"), "--out", str(out)]) == 0
+    assert (out / "seg_cam" / "best.ckpt").stat().st_mtime_ns == stamp
+    assert run(["targets-compare", "--config", str(tmp_path / "tiny.yaml"), "--out", str(out),
+                "--set", "targets.kinds=[cam]", "--set", "targets.fused_eval=false", "--set", "targets.cam.threshold=0.3"]) == 2
+    assert "trained with another config" in capsys.readouterr().err
