@@ -261,3 +261,20 @@ def test_commands_register():
     assert args.overrides == ["seed=1"] and args.no_progress and callable(args.handler)
     args = parser.parse_args(["demo", "--quick"])
     assert args.out == "demo_out" and args.quick
+
+
+def test_dataset_info_and_notes_name_the_split_and_skipped_rows(tmp_path):
+    from cytocore.errors import Problem
+
+    records = _records(tmp_path / "data")
+    for r, split in zip(records, ["train", "test", "test", "val", "test"]):
+        r.split = split
+    ds = Dataset(records, NAMES, problems=[Problem("a.xml", 4, "degenerate box, skipped", "error"),
+                                          Problem("b.xml", None, "size read from image", "warning")])
+    cfg = _cfg(path="../shared/datasets/tiny")
+    info = cmp.dataset_info(cfg, ds, tmp_path / "data", "test")
+    assert (info["name"], info["split"], info["n_images"], info["n_boxes"], info["n_healthy"]) == ("data", "test", 3, 2, 1)
+    assert info["splits"] == {"test": 3, "train": 1, "val": 1} and info["n_problems"] == 1
+    notes = cmp.report_notes({"dataset": info, "systems": {}}, {}, [], cfg)
+    assert any("test 3, train 1, val 1" in n for n in notes)
+    assert any("1 annotation problem" in n and "a.xml" in n for n in notes)
