@@ -93,7 +93,7 @@ def predict_crop_folder(
 
 def read_box_csv(path: PathLike) -> pd.DataFrame:
     """Read ``image_id,x0,y0,x1,y1`` (pixels) with one-line errors naming the file and line."""
-    from cytocore.readers.challenge import read_csv_table
+    from cytocore.tables import read_csv_table
 
     path = Path(path)
     frame = read_csv_table(path, required=("image_id",) + BOX_COLUMNS)

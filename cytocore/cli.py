@@ -1,17 +1,10 @@
-"""Subcommands of the shared core: ``cytofuse synth`` and ``cytofuse data summary``."""
+"""Subcommand of the shared core: ``cytofuse data summary``."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("synth", help="generate the synthetic lung-cytology data set (challenge layout, with masks)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--images", type=int, default=200, help="number of images (default 200)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=512, help="typical image side in pixels (sizes vary around it)")
-    p.set_defaults(handler=_synth)
-
     data = sub.add_parser("data", help="inspect a data set")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     s = data_sub.add_parser("summary", help="images, boxes per class, healthy images and problems found")
@@ -19,14 +12,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--format", choices=["auto", "challenge", "voc", "coco", "folders"], default="auto")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(handler=_summary)
-
-
-def _synth(args: argparse.Namespace) -> int:
-    from .synth import generate
-
-    generate(args.out, n_images=args.images, seed=args.seed, size=args.size, progress=True)
-    print(f"wrote {args.images} images to {args.out}")
-    return 0
 
 
 def _summary(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import pandas as pd
 from .atomic import write_with
 from .errors import DataError, ProblemLog
 from .records import Dataset
+from .tables import read_csv_table
 
 PathLike = Union[str, Path]
 
@@ -90,8 +91,6 @@ def load_split_file(path: PathLike, problems: Optional[ProblemLog] = None) -> di
     without a ``problems`` log they raise :class:`DataError`, since a silently wrong split leaks test
     images into training.
     """
-    from .readers.challenge import read_csv_table
-
     path = Path(path)
     df = read_csv_table(path, required=("image_id", "split"), text=("image_id", "split"))
     log = problems if problems is not None else ProblemLog()

@@ -18,9 +18,10 @@ import pandas as pd
 from .atomic import atomic_path, write_with
 from .errors import DataError
 from .imageio import read_mask, write_png
-from .readers.challenge import BOX_COLUMNS, read_csv_table, to_numbers
+from .readers.challenge import BOX_COLUMNS
 from .records import Dataset
 from .splits import write_split_file
+from .tables import read_csv_table, to_numbers
 
 PathLike = Union[str, Path]
 

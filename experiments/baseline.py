@@ -19,7 +19,6 @@ score near zero on the NSCLC column by construction, which would flatter the two
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -31,7 +30,8 @@ import numpy as np
 from cytocore.config import load_config, merge
 from cytocore.errors import CheckpointError, CytoFuseError
 from cytocore.records import Dataset
-from fusion.pipeline import Candidates, DetectSettings, Pipeline, load_fusion_config, sha256_file
+from cytocore.hashing import fingerprint, sha256_file
+from fusion.pipeline import Candidates, DetectSettings, Pipeline, load_fusion_config
 from fusion.rules import FusionRule, resolve_hierarchy
 
 log = logging.getLogger("cytofuse")
@@ -235,9 +235,8 @@ class BaselinePipeline(Pipeline):
     def fingerprint(self) -> str:
         info = self.checkpoint_info()
         cfg = {k: v for k, v in self.config.items() if k not in ("runtime", "fusion_source")}
-        text = json.dumps({"system": SYSTEM_NAME, "seg": info["seg"]["sha256"], "config": cfg,
-                           "classes": self.class_names, "hierarchy": self.rule.hierarchy}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return fingerprint({"system": SYSTEM_NAME, "seg": info["seg"]["sha256"], "config": cfg,
+                            "classes": self.class_names, "hierarchy": self.rule.hierarchy})
 
 
 def run_baseline_folder(seg_ckpt: PathLike, images_dir: PathLike, out_dir: PathLike,

@@ -12,8 +12,27 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from cytocore import cli as core_cli
+import classification.cli
+import cytocore.cli
+import cytosynth.cli
+import fusion.cli
+import segmentation.cli
 from cytocore.errors import CytoFuseError
+
+from . import commands, commands_compare, commands_research, fuse_fit
+
+#: Every module that adds subcommands, in the order ``--help`` lists them. Each has ``register``.
+STAGE_CLIS = (
+    cytosynth.cli,
+    cytocore.cli,
+    segmentation.cli,
+    classification.cli,
+    fusion.cli,
+    commands,
+    fuse_fit,
+    commands_compare,
+    commands_research,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,30 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and MindSpore's own log")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in _stage_cli_modules():
+    for module in STAGE_CLIS:
         module.register(sub)
     return parser
-
-
-def _stage_cli_modules() -> list:
-    import importlib
-
-    modules = [core_cli]
-    for name in (
-        "segmentation.cli",
-        "classification.cli",
-        "fusion.cli",
-        "experiments.commands",
-        "experiments.fuse_fit",
-        "experiments.commands_compare",
-        "experiments.commands_research",
-    ):
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:  # a stage not built yet must not break the others
-            if exc.name != name:
-                raise
-    return modules
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

@@ -23,7 +23,6 @@ A finished stage trained with a different config is refused rather than silently
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ import pandas as pd
 from cytocore.atomic import write_json, write_text
 from cytocore.config import load_config, merge, read_yaml
 from cytocore.errors import CytoFuseError, DataError
+from cytocore.hashing import fingerprint, sha256_file
 from cytocore.records import Dataset
 
 log = logging.getLogger("cytofuse")
@@ -97,8 +97,7 @@ def _without(cfg: Mapping[str, Any], paths: Sequence[tuple[str, ...]]) -> dict:
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
-    text = json.dumps(_without(cfg, NOT_FINGERPRINTED), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return fingerprint(_without(cfg, NOT_FINGERPRINTED))
 
 
 def _section(cfg: Mapping[str, Any], name: str) -> tuple[Optional[Path], dict]:
@@ -251,7 +250,7 @@ def prepare_data(cfg: Mapping[str, Any], out: Path) -> tuple[Dataset, Path]:
 
 def generate_synth(options: Any, out: Path) -> Path:
     """Generate (or reuse) the synthetic data set of ``data.synth`` in ``OUT/data``."""
-    from cytocore.synth import generate
+    from cytosynth.scene import generate
 
     if not isinstance(options, Mapping):
         raise CytoFuseError(f"data.synth must be a mapping like {{images: 100, seed: 0, size: 512}}, not {options!r}")
@@ -560,7 +559,7 @@ def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Data
                     progress: bool) -> Path:
     """``cytofuse fuse fit`` on the val split, once: later runs reuse ``fusion.json`` while the
     checkpoints it names are unchanged."""
-    from fusion.pipeline import Pipeline, sha256_file
+    from fusion.pipeline import Pipeline
 
     from .fuse_fit import fit_fusion
 

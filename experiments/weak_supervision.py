@@ -24,6 +24,7 @@ import numpy as np
 
 from cytocore.atomic import write_json
 from cytocore.errors import CytoFuseError, DataError
+from cytocore.hashing import fingerprint, sha256_file
 from cytocore.imageio import read_image, write_png
 from cytocore.records import Dataset
 
@@ -105,14 +106,8 @@ def image_cam_mask(classifier: Any, image: np.ndarray, boxes: np.ndarray, classe
     return union_pseudo_masks(shape, cams, windows, boxes, options.threshold)
 
 
-def _sha256(path: Path) -> str:
-    from fusion.pipeline import sha256_file
-
-    return sha256_file(path)
-
-
 def _settings(cls_path: Path, options: CamMaskOptions) -> dict:
-    return {"classifier": str(cls_path), "classifier_sha256": _sha256(cls_path),
+    return {"classifier": str(cls_path), "classifier_sha256": sha256_file(cls_path),
             "threshold": options.threshold, "stride": options.stride}
 
 
@@ -241,10 +236,8 @@ def cam_folder_name(cls_checkpoint: PathLike, options: CamMaskOptions) -> str:
     classifier or threshold changes that config's fingerprint and the finished run is not
     mistaken for one trained on the new masks.
     """
-    import hashlib
-
     settings = {k: v for k, v in _settings(Path(cls_checkpoint), options).items() if k != "classifier"}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:10]
+    digest = fingerprint(settings, length=10)
     return f"cam_masks-{digest}"
 
 

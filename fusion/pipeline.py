@@ -14,7 +14,6 @@ checkpoints and config, so changing either redoes the images instead of mixing t
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import time
@@ -28,6 +27,7 @@ import pandas as pd
 from cytocore.atomic import write_json, write_with
 from cytocore.config import load_config, merge, read_yaml
 from cytocore.errors import CheckpointError, CytoFuseError, DataError
+from cytocore.hashing import fingerprint, sha256_file
 from cytocore.imageio import list_images, probability_to_uint8, read_image, write_png
 
 from .geometry import box_areas, clip_boxes, shrink_boxes
@@ -223,14 +223,6 @@ def malignancy_score(detections: pd.DataFrame, class_names: Sequence[str]) -> fl
     return float(detections[[f"p_{c}" for c in class_names]].to_numpy(np.float64).max())
 
 
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --------------------------------------------------------------------------------------- the pipeline
 
 
@@ -358,9 +350,8 @@ class Pipeline:
     def fingerprint(self) -> str:
         info = self.checkpoint_info()
         cfg = {k: v for k, v in self.config.items() if k not in NOT_IN_FINGERPRINT and k != "fusion_source"}
-        text = json.dumps({"seg": info["seg"]["sha256"], "cls": info["cls"]["sha256"], "config": cfg,
-                           "classes": self.class_names}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return fingerprint({"seg": info["seg"]["sha256"], "cls": info["cls"]["sha256"], "config": cfg,
+                            "classes": self.class_names})
 
     def run_folder(self, images_dir: PathLike, out_dir: PathLike, progress: bool = True) -> dict:
         """Run every image of a folder into ``out_dir``; returns the summary also written to ``run.json``."""

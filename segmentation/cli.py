@@ -77,13 +77,13 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def run_standalone(argv: Sequence[str]) -> int:
-    """``python -m segmentation.train``: the ``seg`` actions without the full ``cytofuse`` CLI."""
+    """``python -m segmentation``: the ``seg`` actions without the full ``cytofuse`` CLI."""
     import logging
     import sys
 
     from cytocore.errors import CytoFuseError
 
-    parser = argparse.ArgumentParser(prog="python -m segmentation.train")
+    parser = argparse.ArgumentParser(prog="python -m segmentation")
     add_actions(parser.add_subparsers(dest="seg_command", required=True))
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

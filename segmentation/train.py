@@ -4,7 +4,7 @@ This module only describes *what* to train; :mod:`cytocore.trainloop` does the t
 resume, CSV log and config snapshot. The checkpoint's metadata holds everything prediction needs
 (architecture, mode, classes, scale, full config), see :mod:`segmentation.model_io`.
 
-Usable as ``python -m segmentation.train --config YAML [--data DIR] [--out RUN] [--resume]`` too.
+Usable as ``python -m segmentation train --config YAML [--data DIR] [--out RUN] [--resume]`` too.
 """
 from __future__ import annotations
 
@@ -285,15 +285,3 @@ def train_segmentation(cfg: dict, data: Optional[PathLike] = None, out: Optional
     setup.task.meta["runtime"] = runtime.runtime_info()
     return train(setup.task, setup.loop, out_dir, resume=resume, config_snapshot=cfg)
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m segmentation.train ...``: the same options as ``cytofuse seg train``."""
-    import sys
-
-    from .cli import run_standalone
-
-    return run_standalone(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -233,7 +233,7 @@ def test_bad_config_key_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_cli_seg_train_runs_end_to_end_on_synthetic_data(tmp_path, capsys):
-    from cytocore.synth import generate
+    from cytosynth.scene import generate
     from experiments.cli import run
 
     data = generate(tmp_path / "synth", n_images=8, seed=1, size=96)

@@ -72,7 +72,7 @@ def test_bad_param_or_missing_data_fails_before_training(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_writes_one_row_per_value_and_reuses_finished_runs(tmp_path, capsys):
-    from cytocore.synth import generate
+    from cytosynth.scene import generate
     from experiments.cli import run
 
     data = generate(tmp_path / "data", n_images=8, seed=0, size=96)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytocore import synth, synth_cells as sc
+from cytosynth import cells as sc, scene as synth
 from cytocore.errors import CytoFuseError
 from cytocore.imageio import image_size, read_image, read_mask
 from cytocore.records import CHALLENGE_CLASSES
@@ -147,7 +147,7 @@ def test_splits_have_healthy_and_cancer(tables):
 def test_splits_of_larger_set_are_about_70_15_15():
     ids = [f"i{k}" for k in range(200)]
     plan = synth.plan_tumours(200, seed=0)
-    split = synth.assign_splits(ids, plan, seed=0)
+    split = synth.tumour_splits(ids, plan, seed=0)
     shares = pd.Series(split).value_counts(normalize=True)
     assert abs(shares["train"] - 0.7) < 0.03 and abs(shares["val"] - 0.15) < 0.03
     for name in ("val", "test"):  # every tumour type is evaluated

@@ -105,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cls_speed_") as tmp:
         data = Path(args.data) if args.data else None
         if data is None:
-            from cytocore.synth import generate
+            from cytosynth.scene import generate
 
             data = Path(tmp) / "synth"
             generate(data, n_images=16, seed=0, size=384)

@@ -2,7 +2,7 @@
 
     python -m experiments.benchmarks.infer_speed [--seg SEG.ckpt --cls CLS.ckpt] [--images 4] [--threads 2]
 
-Images are synthetic brushing fields (``cytocore.synth.render_image``) at 1024×1024, so the
+Images are synthetic brushing fields (``cytosynth.scene.render_image``) at 1024×1024, so the
 segmenter finds a realistic number of cells for the classifier. Without checkpoints, untrained
 networks of the default architectures (U-Net ``unet_small``, EfficientNet-B0) are timed: speed
 does not depend on the weights, only the object count does, which a trained model sets. The first
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from cytocore import runtime
-    from cytocore.synth import render_image
+    from cytosynth.scene import render_image
     from fusion.pipeline import Pipeline
 
     runtime.setup(seed=0, threads=args.threads)

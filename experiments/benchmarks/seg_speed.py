@@ -18,7 +18,7 @@ Three measurements, in this order (``ru_maxrss`` only grows, so the memory figur
    ``--train-batch`` (speed does not depend on the data), after two warm-up steps.
 
 Without ``--checkpoint`` an untrained ``unet_small`` (width 16, depth 4) is used: speed and memory do
-not depend on the weights. Images are synthetic brushing fields (``cytocore.synth.render_image``),
+not depend on the weights. Images are synthetic brushing fields (``cytosynth.scene.render_image``),
 tiled to the big size. Prints figures (JSON); never asserts.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _field(size: int, seed: int = 0):
     """A synthetic brushing field of ``size``² (one rendered 1024² field, tiled)."""
     import numpy as np
 
-    from cytocore.synth import render_image
+    from cytosynth.scene import render_image
 
     base = render_image(np.random.default_rng(seed), min(size, 1024), min(size, 1024), healthy=False)[0]
     reps = -(-size // base.shape[0])

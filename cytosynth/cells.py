@@ -3,7 +3,7 @@
 Cells are painted as optical density (Beer-Lambert: image = background × exp(-OD)), not as opaque
 colours, because cytology cells are translucent: where two cells overlap the stains add up and the
 overlap is darker, as on a real slide, instead of one cell pasting over the other. Each cell is a
-:class:`Sprite` on its own small patch; the scene (``cytocore.synth``) pastes the patches, decides who
+:class:`Sprite` on its own small patch; the scene (:mod:`cytosynth.scene`) pastes the patches, decides who
 lies on top (for occlusion and the mask) and turns the density into RGB.
 
 Sizes are in pixels at about 0.5 µm per pixel (a 40× field), so a lymphocyte is ~12 px across and the
