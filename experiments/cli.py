@@ -41,10 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find and classify lung-cancer cells in cytology images (U-Net + EfficientNet, MindSpore).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and MindSpore's own log")
+    parser.add_argument("--version", action="version", version=f"cytofuse {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in STAGE_CLIS:
         module.register(sub)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (setup.cfg), or "unknown" when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cytofuse")
+    except PackageNotFoundError:
+        return "unknown (not installed: run `make install`)"
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
