@@ -71,7 +71,7 @@ def load_data(cfg: dict, dataset: Optional[Dataset] = None) -> tuple[Dataset, Da
             raise CytoFuseError("no data set given: pass --data DIR or set data.path in the config")
         from cytocore.readers import load_dataset
 
-        dataset = load_dataset(d["path"], format=d.get("format", "auto"))
+        dataset = load_dataset(d["path"], format=d.get("format", "auto"), decode=True)  # skip truncated files
     if any(r.split is None for r in dataset.records):
         dataset = assign_splits(dataset, fractions=tuple(d["split_fractions"]), seed=int(d["split_seed"]))
     train_set, val_set = dataset.subset(d["train_split"]), dataset.subset(d["val_split"])

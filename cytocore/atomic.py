@@ -2,6 +2,9 @@
 
 Everything is written to a temporary file in the destination folder and moved into place with
 ``os.replace``, which is atomic on POSIX and Windows when source and target share a file system.
+The temporary file is private (``mkstemp`` makes it 0600, and MindSpore marks checkpoints 0400), so
+before the move it gets the mode a plain ``open()`` would have given: 0666 minus the umask. Outputs
+on a shared server are then readable by colleagues exactly when the user's umask says so.
 """
 from __future__ import annotations
 
@@ -15,6 +18,20 @@ from typing import Any, Callable, Iterator, Union
 PathLike = Union[str, Path]
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
@@ -25,6 +42,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file() and not tmp_path.is_symlink():  # chmod would follow a symlink
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("path", help="data set folder (challenge layout, Pascal VOC, COCO JSON or folder per class)")
     s.add_argument("--format", choices=["auto", "challenge", "voc", "coco", "folders"], default="auto")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.add_argument("--quick", action="store_true",
+                   help="read image headers only: faster, but truncated or corrupt image files go unnoticed")
     s.set_defaults(handler=_summary)
 
 
@@ -20,7 +22,7 @@ def _summary(args: argparse.Namespace) -> int:
     from .readers import load_dataset
     from .summary import format_summary, summarise
 
-    ds = load_dataset(args.path, format=args.format)
+    ds = load_dataset(args.path, format=args.format, decode=not args.quick, check_masks=not args.quick)
     info = summarise(ds)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0

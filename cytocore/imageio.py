@@ -45,6 +45,30 @@ def image_size(path: PathLike) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 
 
+def check_decodes(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> None:
+    """Decode every byte of an image file, or raise :class:`DataError` naming it (truncated, corrupt).
+
+    The header alone (what :func:`image_size` reads) says nothing about a copy cut short, which only
+    fails when the pixels are read -- in the middle of a training run. JPEGs are decoded at 1/8 scale:
+    libjpeg still reads the whole entropy-coded stream, so truncation shows, at a fraction of the cost.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(f"{path}: image is {im.width}x{im.height} = {im.width * im.height} pixels, above the "
+                                f"limit of {max_pixels} (raise max_pixels / --max-pixels if this is intended)")
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im.load()
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
+
+
 def read_image(path: PathLike, channel_order: str = "RGB", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read any supported image as ``(H, W, 3)`` uint8 in ``channel_order`` ("RGB" or "BGR")."""
     path = Path(path)

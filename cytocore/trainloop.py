@@ -185,6 +185,53 @@ def _write_log(path: Path, history: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
+def _read_log(path: Path, epochs: int) -> list[dict]:
+    """The first ``epochs`` rows of ``log.csv`` as numbers (an unreadable log gives no rows)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+    def number(text: Optional[str]) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(text)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                pass
+        return text
+
+    return [{k: number(v) for k, v in row.items() if k is not None} for row in rows[:epochs]]
+
+
+def _resume_state(state_path: Path, saved: dict, last_path: Path, log_path: Path) -> dict:
+    """Where to resume: ``state.json``, or -- when it is missing or damaged -- the last checkpoint's
+    own record (epoch, best, seconds, saved with the weights) and the history from ``log.csv``.
+
+    ``state.json`` is written atomically, but a full disk or a copied run folder can still leave it
+    cut short; the checkpoint holds everything needed to go on, so that costs one warning, not the run.
+    """
+    damage = None
+    if state_path.exists():
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            if isinstance(state, dict) and isinstance(state.get("epoch"), int):
+                return state
+            damage = "not a training state"
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            damage = f"{exc.__class__.__name__}: {exc}"
+    loop = saved.get("loop")
+    if not isinstance(loop, dict) or not isinstance(loop.get("epoch"), int):
+        what = f"{state_path} is damaged ({damage})" if damage else f"{state_path} is missing"
+        raise CheckpointError(f"{what} and {last_path} does not record its epoch; cannot resume: start a new run "
+                              "in another --out (or restore state.json)")
+    history = _read_log(log_path, int(loop["epoch"]) + 1)
+    if damage:
+        log.warning("%s is damaged (%s); resuming from %s (epoch %d) with the history in %s", state_path, damage,
+                    last_path.name, int(loop["epoch"]) + 1, log_path.name)
+    return {**loop, "history": history}
+
+
 def _snapshot_config(out: Path, config: Optional[dict]) -> None:
     if config is None:
         return
@@ -209,7 +256,6 @@ def train(
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     net = task.network
     optimizer = make_optimizer(net.trainable_params(), cfg)
     last_path, best_path, state_path = out / "last.ckpt", out / "best.ckpt", out / "state.json"
@@ -223,7 +269,7 @@ def train(
         params, saved = runtime.load_checkpoint(last_path)
         runtime.load_into(net, params, last_path, strict=True)
         runtime.load_into(optimizer, params, last_path, strict=False)
-        state = json.loads(state_path.read_text()) if state_path.exists() else saved.get("loop", {})
+        state = _resume_state(state_path, saved, last_path, out / "log.csv")
         history = state.get("history", [])
         best = state.get("best")
         start_epoch = int(state.get("epoch", -1)) + 1
@@ -233,7 +279,11 @@ def train(
         log.info("no %s to resume from: starting a new run", last_path)
     elif last_path.exists():
         raise CheckpointError(f"{out}: already holds a run (last.ckpt); pass --resume to continue it or choose another --out")
-    _snapshot_config(out, config_snapshot)
+    # A new run's folder is created with its first checkpoint: a run that fails before finishing an
+    # epoch (bad data found on the first batch, Ctrl-C while compiling) leaves no half-made folder.
+    written = start_epoch > 0
+    if written:
+        _snapshot_config(out, config_snapshot)
 
     step = make_train_step(net, task.loss_fn, optimizer)
     total_steps = max(1, cfg.epochs * cfg.steps_per_epoch)
@@ -295,6 +345,10 @@ def train(
             best = float(value)
         loop_state = {"epoch": epoch, "best": best, "seconds": used()}
         ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "loop": loop_state}
+        if not written:
+            out.mkdir(parents=True, exist_ok=True)
+            _snapshot_config(out, config_snapshot)
+            written = True
         if improved:
             runtime.save_checkpoint(best_path, [net], ckpt_meta)
         runtime.save_checkpoint(last_path, [net, optimizer], ckpt_meta)

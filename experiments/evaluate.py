@@ -3,8 +3,9 @@
 This is the glue behind ``cytofuse evaluate``: it turns a :class:`~cytocore.records.Dataset` and the
 challenge's normalised predictions table into the arrays :mod:`experiments.metric`,
 :mod:`experiments.explain_auc` and :mod:`experiments.coco_ap` work on, and checks the inputs on the
-way — a prediction for an image that is not in the data set means the wrong file was passed, so it
-stops with the file and row instead of quietly scoring something else.
+way. Predictions for images the data set does not have are reported (file, first row, count) and
+left out, like other bad input; only when no prediction names any of its images -- the wrong file
+or folder was passed -- does it stop instead of scoring nothing.
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def evaluate(
     """All metrics of ``predictions_df`` (challenge columns, coordinates in [0, 1]) on ``dataset``.
 
     With ``split`` only that split's images are evaluated (N = their number) and predictions for the
-    data set's other images are dropped; a prediction for an image the data set does not have at all
-    is a :class:`DataError`. ``predictions_path`` only names the file in messages.
+    data set's other images are dropped; predictions for images the data set does not have at all
+    are reported in ``warnings`` and skipped (a :class:`DataError` when that is every row).
+    ``predictions_path`` only names the file in messages.
     """
     source = str(predictions_path) if predictions_path is not None else "predictions"
     warnings: list[str] = []
@@ -62,7 +64,7 @@ def evaluate(
     foreign = [c for c in predictions_df.columns if str(c).startswith("p_") and str(c)[2:] not in class_names]
     if foreign:
         warn(f"{source}: column(s) {', '.join(map(str, foreign))} name no class of the data set and were ignored")
-    preds, dropped = _select_images(preds, records, {r.image_id for r in dataset.records}, source)
+    preds, dropped = _select_images(preds, records, {r.image_id for r in dataset.records}, source, warn)
     if dropped:
         warn(f"{source}: {dropped} prediction rows are for images outside split {split!r} and were ignored")
 
@@ -157,16 +159,20 @@ def _prepare_predictions(df: pd.DataFrame, class_names: Sequence[str], source: s
 
 
 def _select_images(
-    preds: pd.DataFrame, records: Sequence[ImageRecord], all_ids: set, source: str
+    preds: pd.DataFrame, records: Sequence[ImageRecord], all_ids: set, source: str, warn
 ) -> tuple[pd.DataFrame, int]:
-    """Keep the predictions of the evaluated images; stop on an image the data set does not know."""
+    """Keep the predictions of the evaluated images; report and skip those of images the data set
+    does not know, and stop only when that is all of them (the wrong file or data folder)."""
     unknown = ~preds["image_id"].isin(all_ids).to_numpy()
     if unknown.any():
         i = int(np.flatnonzero(unknown)[0])
-        raise DataError(
-            f"{source}:{preds['_line'].iloc[i]}: image_id {preds['image_id'].iloc[i]!r} is not in the evaluated "
-            f"data set ({int(unknown.sum())} row(s) like this; wrong predictions file or data folder?)"
-        )
+        n_images = preds.loc[unknown, "image_id"].nunique()
+        where = f"{source}:{preds['_line'].iloc[i]}: image_id {preds['image_id'].iloc[i]!r} is not in the evaluated data set"
+        if unknown.all():
+            raise DataError(f"{where}, nor is any other image of the {len(preds)} prediction row(s); "
+                            "wrong predictions file or data folder?")
+        warn(f"{where}: {int(unknown.sum())} row(s) for {n_images} such image(s) skipped")
+        preds = preds.loc[~unknown].reset_index(drop=True)
     keep = preds["image_id"].isin({r.image_id for r in records}).to_numpy()
     return preds[keep].reset_index(drop=True), int((~keep).sum())
 

@@ -42,7 +42,7 @@ def load_split_dataset(cfg: dict, data: Optional[PathLike] = None, fmt: Optional
     path = data or cfg["data"]["path"]
     if not path:
         raise CytoFuseError("no data set given: pass --data DIR or set data.path in the config")
-    ds = load_dataset(path, format=fmt or cfg["data"]["format"])
+    ds = load_dataset(path, format=fmt or cfg["data"]["format"], decode=True)  # a truncated file: skipped, not a crash
     if any(r.split is None for r in ds.records):
         ds = assign_splits(ds, seed=int(cfg["data"]["split_seed"]))
     return ds

@@ -86,10 +86,20 @@ def test_empty_predictions():
     assert res["n_images"] == 3
 
 
-def test_unknown_image_id_names_file_and_row():
+def test_unknown_image_id_is_reported_with_file_and_row_and_skipped():
     ds, preds = worked_example()
+    expected = evaluate(ds, preds.drop(index=3))
     preds.loc[3, "image_id"] = "nope"
-    with pytest.raises(DataError, match=r"preds\.csv:5: image_id 'nope'"):
+    res = evaluate(ds, preds, predictions_path="preds.csv")
+    assert any("preds.csv:5: image_id 'nope'" in w and "skipped" in w for w in res["warnings"])
+    assert res["n_predictions"] == len(preds) - 1
+    assert res["froc"] == expected["froc"] and res["ap50"] == expected["ap50"]
+
+
+def test_predictions_naming_no_image_of_the_data_set_are_an_error():
+    ds, preds = worked_example()
+    preds["image_id"] = "nope"
+    with pytest.raises(DataError, match=r"preds\.csv:2: image_id 'nope'.*wrong predictions file"):
         evaluate(ds, preds, predictions_path="preds.csv")
 
 
@@ -260,17 +270,17 @@ def test_cli_evaluate_end_to_end(tmp_path, capsys):
     assert json.loads(grid.read_text())["explainability_auc"] is None
 
 
-def test_cli_evaluate_unknown_image_is_one_line_error(tmp_path, capsys):
+def test_cli_evaluate_all_unknown_images_is_one_line_error(tmp_path, capsys):
     from experiments.cli import run
 
     data = tmp_path / "data"
     _write_challenge_set(data)
     preds = tmp_path / "predictions.csv"
-    preds.write_text("image_id,xmin,ymin,xmax,ymax,p_SCC,p_AC\np1,0.1,0.1,0.3,0.35,0.9,0.1\nzz,0.1,0.1,0.2,0.2,0.5,0.5\n")
+    preds.write_text("image_id,xmin,ymin,xmax,ymax,p_SCC,p_AC\nyy,0.1,0.1,0.3,0.35,0.9,0.1\nzz,0.1,0.1,0.2,0.2,0.5,0.5\n")
     out = tmp_path / "metrics.json"
     assert run(["evaluate", "--data", str(data), "--predictions", str(preds), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and f"{preds}:3" in err[-1] and "'zz'" in err[-1]
+    assert err[-1].startswith("error: ") and f"{preds}:2" in err[-1] and "'yy'" in err[-1]
     assert not out.exists()
 
 

@@ -15,6 +15,7 @@ from ..errors import DataError
 from ..imageio import IMAGE_SUFFIXES
 from ..records import Dataset
 from .challenge import IMAGES_DIR, LABELS_FILE, METADATA_FILE, read_challenge
+from .checks import check_healthy_masks, drop_undecodable
 from .coco import find_annotation_json, read_coco
 from .folders import folder_layout, read_folders
 from .voc import ANNOTATIONS_DIR, read_voc
@@ -66,6 +67,8 @@ def load_dataset(
     format: str = "auto",
     strict: bool = False,
     class_names: Optional[Sequence[str]] = None,
+    decode: bool = False,
+    check_masks: bool = True,
     **options: Any,
 ) -> Dataset:
     """Read the data set at ``path`` in ``format`` ("auto", "challenge", "voc", "coco" or "folders").
@@ -75,6 +78,11 @@ def load_dataset(
     ``images_dir`` (challenge, coco) and ``masks_dir`` (coco). With ``strict``, any problem of
     severity "error" (a skipped row, box or image) raises :class:`DataError` instead of being
     skipped, for pipelines that must not train on a silently shrunk data set.
+
+    With ``decode`` every image and mask is decoded once and those that fail (a truncated PNG or
+    JPEG) are reported and left out: what training and ``data summary`` do, so that one bad file
+    costs one warning line instead of a run. ``check_masks`` warns about images without boxes whose
+    mask marks cells.
     """
     fmt = detect_format(path) if format in (None, "auto") else format
     if fmt not in READERS:
@@ -87,6 +95,10 @@ def load_dataset(
     if unknown:
         raise TypeError(f"option(s) {', '.join(unknown)} do not apply to the {fmt} format")
     ds = reader(path, class_names=class_names, **options)
+    if decode:
+        ds = drop_undecodable(ds)
+    if check_masks:
+        ds = check_healthy_masks(ds)
     if strict:
         errors = [p for p in ds.problems if p.severity == "error"]
         if errors:
