@@ -19,6 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--format", choices=FORMATS, default=None, help="data set layout (default: data.format, auto)")
     t.add_argument("--out", default="runs/classification", help="run folder (default runs/classification)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
+    t.add_argument("--proposals", default=None, metavar="CSV",
+                   help="instances.csv of `cytofuse seg predict` on the training images: also train on the segmenter's "
+                        "proposals, labelled by IoP match (merged, fragment and unmatched ones as negatives)")
+    t.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="training time budget (overrides train.time_budget_minutes; more time, more epochs)")
     t.add_argument("--init-checkpoint", default=None, metavar="PATH",
                    help="start from these weights (e.g. mindcv ImageNet weights); tensors of another shape are skipped")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,6 +52,11 @@ def _train(args: argparse.Namespace) -> int:
         cfg["data"]["path"] = args.data
     if args.format is not None:
         cfg["data"]["format"] = args.format
+    if args.proposals is not None:
+        cfg["proposals"]["csv"] = args.proposals
+    if args.budget_minutes is not None:
+        cfg["train"]["time_budget_minutes"] = float(args.budget_minutes)
+        cfg["train"]["epochs"] = max(int(cfg["train"]["epochs"]), 1000)  # the budget, not the epoch count, ends the run
     result = train_classifier(cfg, args.out, resume=args.resume, init_checkpoint=args.init_checkpoint)
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     print(f"best {cfg['train']['monitor']} = {best}; checkpoints in {args.out} ({result.minutes:.1f} min)")

@@ -35,6 +35,7 @@ from .crops import (
     object_points,
     sample_negative_boxes,
 )
+from .proposals import ProposalPool
 
 log = logging.getLogger("cytofuse")
 
@@ -194,6 +195,9 @@ class CropSampler:
         augment: Optional[AugmentConfig] = None,
         whole_image: bool = False,
         cache: Optional[ImageCache] = None,
+        proposals: Optional[ProposalPool] = None,
+        proposal_share: float = 0.5,
+        proposal_negative_share: float = 0.4,
     ) -> None:
         self.dataset = dataset
         self.crop = crop
@@ -209,15 +213,41 @@ class CropSampler:
         self.weights = sampling_weights(self.pool_labels, sampling.mode)
         self.sides = box_sides(self.pool_boxes)
         self.negative_ratio = 0.0 if whole_image else float(negatives.ratio)
+        self.proposals = proposals if proposals is not None and len(proposals) and not whole_image else None
+        self.n_proposal_positive, self.n_proposal_negative = self._proposal_counts(proposal_share, proposal_negative_share)
+        if self.proposals is not None:
+            pos = self.proposals.positive
+            self.proposal_positive = np.flatnonzero(pos)
+            self.proposal_negative = np.flatnonzero(~pos)
+            self.proposal_weights = sampling_weights(self.proposals.labels[pos], sampling.mode)
+
+    def _proposal_counts(self, share: float, negative_share: float) -> tuple[int, int]:
+        """Proposal crops per batch: ``(positives, negatives)``, each only if the pool holds some."""
+        if self.proposals is None:
+            return 0, 0
+        n = int(round(self.sampling.batch_size * share))
+        has_pos, has_neg = bool(self.proposals.positive.any()), bool((~self.proposals.positive).any())
+        n_neg = int(round(n * negative_share)) if has_pos else n
+        n_neg = n_neg if has_neg else 0
+        n_pos = n - n_neg if has_pos else 0
+        return n_pos, n_neg
+
+    @property
+    def n_ground_truth(self) -> int:
+        """Crops per batch from annotated boxes and random negatives (the rest are proposals)."""
+        return self.sampling.batch_size - self.n_proposal_positive - self.n_proposal_negative
 
     @property
     def n_negative(self) -> int:
-        return int(round(self.sampling.batch_size * self.negative_ratio))
+        return int(round(self.n_ground_truth * self.negative_ratio))
 
     def expected_frequency(self) -> np.ndarray:
         """Expected share of crops positive for each class (what ``pos_weight: auto`` balances)."""
-        positive_share = 1.0 - self.n_negative / self.sampling.batch_size
-        return positive_share * (self.weights @ self.pool_labels)
+        b = self.sampling.batch_size
+        freq = (self.n_ground_truth - self.n_negative) / b * (self.weights @ self.pool_labels)
+        if self.n_proposal_positive:
+            freq = freq + self.n_proposal_positive / b * (self.proposal_weights @ self.proposals.labels[self.proposal_positive])
+        return freq
 
     def batches(self, epoch: int, rng: np.random.Generator, steps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for _ in range(steps):
@@ -228,13 +258,22 @@ class CropSampler:
         return to_network_input(crops), labels
 
     def batch_crops(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Augmented uint8 crops and their labels (positives first, then negatives)."""
-        b = self.sampling.batch_size
+        """Augmented uint8 crops and their labels: annotated boxes, random negatives, then proposals
+        (class-balanced positives, then merged/fragment/unmatched negatives)."""
         neg_items = self._negative_items(rng, self.n_negative)
-        pick = rng.choice(len(self.pool_index), b - len(neg_items), p=self.weights)
+        pick = rng.choice(len(self.pool_index), self.n_ground_truth - len(neg_items), p=self.weights)
         boxes = jitter_boxes(self.pool_boxes[pick], rng, self.sampling.jitter)
         items = [(int(i), box) for i, box in zip(self.pool_index[pick], boxes)] + neg_items
-        labels = np.concatenate([self.pool_labels[pick], np.zeros((len(neg_items), self.dataset.num_classes), np.float32)])
+        labels = [self.pool_labels[pick], np.zeros((len(neg_items), self.dataset.num_classes), np.float32)]
+        if self.proposals is not None:
+            chosen = np.concatenate([
+                self.proposal_positive[rng.choice(len(self.proposal_positive), self.n_proposal_positive, p=self.proposal_weights)]
+                if self.n_proposal_positive else np.zeros(0, np.int64),
+                rng.choice(self.proposal_negative, self.n_proposal_negative) if self.n_proposal_negative else np.zeros(0, np.int64),
+            ]).astype(np.int64)
+            items += [(int(self.proposals.index[j]), self.proposals.boxes[j]) for j in chosen]
+            labels.append(self.proposals.labels[chosen])
+        labels = np.concatenate(labels).astype(np.float32)
         crops = self._crops(items)
         if self.augment is not None:
             self.augment.set_random_seed(int(rng.integers(0, 2**31 - 1)))

@@ -137,12 +137,19 @@ def count_parameters(net: Any) -> int:
 # ------------------------------------------------------------------------------------------ losses
 
 
-def make_loss(head: str, pos_weight: Optional[Sequence[float]] = None) -> Any:
-    """The training loss cell of a head (runs inside the compiled train step)."""
+def make_loss(head: str, pos_weight: Optional[Sequence[float]] = None, label_smoothing: float = 0.0) -> Any:
+    """The training loss cell of a head (runs inside the compiled train step).
+
+    ``label_smoothing`` e moves targets towards uniform: ``(1-e)·y + e/K`` for the softmax head,
+    ``(1-e)·y + e/2`` for the sigmoid head; on a few hundred training tiles it keeps the network
+    from becoming over-confident on what it has memorised.
+    """
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise CytoFuseError(f"loss.label_smoothing must be in [0, 1), not {label_smoothing}")
     bce, softmax_ce = _loss_cells()
     if head == "softmax":
-        return softmax_ce()
-    return bce(pos_weight)
+        return softmax_ce(float(label_smoothing))
+    return bce(pos_weight, float(label_smoothing))
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,21 +162,29 @@ def _loss_cells() -> tuple[type, type]:
     class MultiLabelBCE(nn.Cell):
         """Mean binary cross-entropy over classes and crops; ``pos_weight`` up-weights rare positives."""
 
-        def __init__(self, pos_weight: Optional[Sequence[float]] = None) -> None:
+        def __init__(self, pos_weight: Optional[Sequence[float]] = None, smoothing: float = 0.0) -> None:
             super().__init__()
             self.use_pos_weight = pos_weight is not None
             self.pos_weight = ms.Tensor(np.asarray(pos_weight if pos_weight is not None else [1.0], np.float32))
+            self.smoothing = float(smoothing)
 
         def construct(self, logits, labels):
             ones = ops.ones_like(logits)
+            labels = labels * (1.0 - self.smoothing) + 0.5 * self.smoothing
             if self.use_pos_weight:
                 return ops.binary_cross_entropy_with_logits(logits, labels, ones, self.pos_weight * ones)
             return ops.binary_cross_entropy_with_logits(logits, labels, ones, ones)
 
     class SoftmaxCrossEntropy(nn.Cell):
-        """Cross-entropy against one-hot (or soft) label rows."""
+        """Cross-entropy against one-hot (or soft) label rows, optionally smoothed towards uniform."""
+
+        def __init__(self, smoothing: float = 0.0) -> None:
+            super().__init__()
+            self.smoothing = float(smoothing)
 
         def construct(self, logits, labels):
+            k = logits.shape[1]
+            labels = labels * (1.0 - self.smoothing) + self.smoothing / k
             return -(labels * ops.log_softmax(logits, 1)).sum(1).mean()
 
     return MultiLabelBCE, SoftmaxCrossEntropy

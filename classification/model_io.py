@@ -25,6 +25,22 @@ log = logging.getLogger("cytofuse")
 
 PathLike = Union[str, Path]
 STAGE = "classification"
+#: Test-time augmentation: a cell has no up or down, so its mirror images are equally valid views.
+TTA_MODES = ("none", "flips", "dihedral")
+
+
+def tta_views(crops: np.ndarray, mode: str) -> list[np.ndarray]:
+    """The crops as the network sees them under test-time augmentation (the identity first).
+
+    ``flips``: identity, horizontal and vertical mirror, both (4 views); ``dihedral`` adds the four
+    transposed views (8: all rotations by 90° with and without a mirror). Square crops only.
+    """
+    views = [crops]
+    if mode in ("flips", "dihedral"):
+        views += [crops[:, :, ::-1], crops[:, ::-1, :], crops[:, ::-1, ::-1]]
+    if mode == "dihedral":
+        views += [v.transpose(0, 2, 1, 3) for v in list(views)]
+    return [np.ascontiguousarray(v) for v in views]
 
 
 def checkpoint_meta(model: ModelConfig, class_names: list[str], crop: CropConfig, config: Optional[dict] = None) -> dict:
@@ -50,6 +66,13 @@ class Classifier:
     model: ModelConfig
     meta: dict = field(default_factory=dict)
     path: Optional[Path] = None
+    tta: Optional[str] = None  # none | flips | dihedral; None: the checkpoint's ``inference.tta`` setting
+
+    def __post_init__(self) -> None:
+        if self.tta is None:
+            self.tta = str(((self.meta.get("config") or {}).get("inference") or {}).get("tta", "none"))
+        if self.tta not in TTA_MODES:
+            raise CytoFuseError(f"inference.tta must be one of {', '.join(TTA_MODES)}, not {self.tta!r}")
 
     @property
     def num_classes(self) -> int:
@@ -80,8 +103,10 @@ class Classifier:
         return out
 
     def predict_crops(self, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """``(N, K)`` float32 class probabilities of uint8 crops."""
-        return probabilities(self.logits(crops, batch_size), self.head)
+        """``(N, K)`` float32 class probabilities of uint8 crops, averaged over the test-time flips."""
+        crops = np.asarray(crops)
+        views = tta_views(crops, self.tta) if len(crops) else [crops]
+        return np.mean([probabilities(self.logits(v, batch_size), self.head) for v in views], axis=0).astype(np.float32)
 
 
 def _meta_error(path: PathLike, what: str) -> CheckpointError:

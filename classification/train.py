@@ -24,6 +24,7 @@ from .dataset import AugmentConfig, CropSampler, ImageCache, SamplingConfig, val
 from .metrics import classification_metrics, format_metrics
 from .model import ModelConfig, build_network, count_parameters, make_loss, probabilities
 from .model_io import Classifier, checkpoint_meta, load_initial_weights
+from .proposals import ProposalConfig, ProposalPool, proposal_pool, read_proposals
 
 log = logging.getLogger("cytofuse")
 
@@ -84,14 +85,33 @@ def load_data(cfg: dict, dataset: Optional[Dataset] = None) -> tuple[Dataset, Da
     return train_set, val_set, whole_image
 
 
-def _check_head(head: str, train_set: Dataset, negative_ratio: float, whole_image: bool) -> None:
+def load_proposal_pool(cfg: dict, train_set: Dataset, whole_image: bool) -> Optional[ProposalPool]:
+    """The segmenter's labelled proposals on the training images (``proposals.csv``), or None."""
+    try:
+        pcfg = ProposalConfig.from_dict(cfg.get("proposals"))
+    except (TypeError, ValueError) as exc:
+        raise CytoFuseError(f"config: {exc}") from None
+    if not pcfg.csv:
+        return None
+    if whole_image:
+        raise CytoFuseError("proposals.csv: a whole-tile (folder-per-class) data set has no cells to propose")
+    pool = proposal_pool(train_set, read_proposals(pcfg.csv), pcfg)
+    if not len(pool):
+        raise DataError(f"{pcfg.csv}: no proposal belongs to a training image (image ids must match the data set's)")
+    covered = len(set(pool.index.tolist()))
+    log.info("proposals from %s on %d of %d training images: %s", pcfg.csv, covered, len(train_set),
+             ", ".join(f"{k}={v}" for k, v in pool.counts().items()))
+    return pool
+
+
+def _check_head(head: str, train_set: Dataset, negative_ratio: float, whole_image: bool, proposals: bool = False) -> None:
     if head != "softmax":
         return
     multi = sum(int((r.labels.sum(axis=1) > 1).sum()) for r in train_set.records if r.n_boxes)
     if multi:
         raise DataError(f"{train_set.root}: the softmax head needs one class per box, but {multi} boxes carry several "
                         "(e.g. SCC and NSCLC); use model.head: sigmoid")
-    if negative_ratio > 0 and not whole_image:
+    if (negative_ratio > 0 or proposals) and not whole_image:
         raise CytoFuseError("the softmax head cannot learn all-zero negative crops; set negatives.ratio: 0 "
                             "or use model.head: sigmoid")
 
@@ -127,10 +147,12 @@ def build_setup(cfg: dict, dataset: Optional[Dataset] = None) -> ClassificationS
     train_set, val_set, whole_image = load_data(cfg, dataset)
     if whole_image and negatives.ratio > 0:
         log.info("whole-tile data set: no negative crops (its classes, e.g. a benign one, play that part)")
-    _check_head(model_cfg.head, train_set, negatives.ratio, whole_image)
+    _check_head(model_cfg.head, train_set, negatives.ratio, whole_image, bool((cfg.get("proposals") or {}).get("csv")))
 
     cache = ImageCache(float(cfg["data"]["cache_mb"]))
-    sampler = CropSampler(train_set, crop, sampling, negatives, augment, whole_image, cache)
+    proposals = load_proposal_pool(cfg, train_set, whole_image)
+    sampler = CropSampler(train_set, crop, sampling, negatives, augment, whole_image, cache, proposals,
+                          float(cfg["proposals"]["share"]), float(cfg["proposals"]["negative_share"]))
     val_crops, val_labels = validation_crops(
         val_set, crop, negatives, whole_image, cfg["val"]["max_crops"], seed=loop.seed, cache=ImageCache(256)
     )
@@ -144,7 +166,8 @@ def build_setup(cfg: dict, dataset: Optional[Dataset] = None) -> ClassificationS
     network = build_network(model_cfg, train_set.num_classes)
     log.info("model %s (%s head): %.2f M parameters, crops %d px", model_cfg.name, model_cfg.head,
              count_parameters(network) / 1e6, crop.size)
-    loss = make_loss(model_cfg.head, _pos_weight(cfg["loss"]["pos_weight"], sampler, train_set.class_names))
+    loss = make_loss(model_cfg.head, _pos_weight(cfg["loss"]["pos_weight"], sampler, train_set.class_names),
+                     float(cfg["loss"].get("label_smoothing", 0.0)))
     return ClassificationSetup(cfg, train_set, val_set, whole_image, model_cfg, crop, sampler,
                                val_crops, val_labels, network, loss, loop)
 
@@ -163,7 +186,7 @@ def make_task(setup: ClassificationSetup) -> TrainTask:
     cfg = setup.config
     steps = setup.loop.steps_per_epoch
     names = setup.class_names
-    scorer = Classifier(setup.network, names, setup.model.head, setup.crop, setup.model)
+    scorer = Classifier(setup.network, names, setup.model.head, setup.crop, setup.model, meta={"config": cfg})
     val_batch = int(cfg["val"]["batch_size"])
     threshold = float(cfg["val"]["threshold"])
 
@@ -172,7 +195,8 @@ def make_task(setup: ClassificationSetup) -> TrainTask:
 
     def validate(network: Any) -> dict[str, float]:
         logits = scorer.logits(setup.val_crops, val_batch)
-        probs = probabilities(logits, setup.model.head)
+        # Scored as predictions will be made (with the run's test-time flips); the loss on plain crops.
+        probs = scorer.predict_crops(setup.val_crops, val_batch) if scorer.tta != "none" else probabilities(logits, setup.model.head)
         metrics = classification_metrics(setup.val_labels, probs, names, setup.model.head, threshold, prefix="val_")
         metrics["val_loss"] = _val_loss(logits, setup.val_labels, setup.model.head)
         log.debug("validation:\n%s", format_metrics(metrics, names, prefix="val_"))

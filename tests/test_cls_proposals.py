@@ -1,0 +1,78 @@
+"""Proposal crops: IoP labels (matched → its classes; merged, fragment, unmatched → negative), the
+instances.csv reader, and proposal crops in the training batches."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from classification.crops import CropConfig, NegativeConfig
+from classification.dataset import CropSampler, SamplingConfig
+from classification.proposals import ProposalConfig, label_proposals, proposal_pool, read_proposals
+from cytocore.errors import DataError
+from tests.test_cls_data import toy_dataset
+
+GT = np.array([[0, 0, 20, 20], [20, 0, 40, 20], [100, 100, 140, 140]], np.float32)
+GT_LABELS = np.array([[1, 0, 1], [0, 1, 1], [1, 0, 1]], np.uint8)
+
+
+def test_matched_merged_fragment_unmatched_labels():
+    proposals = np.array([
+        [1, 1, 19, 21],        # inside cell 0, covers most of it -> matched, cell 0's classes
+        [0, 0, 40, 20],        # covers cells 0 and 1 fully -> merged -> negative
+        [100, 100, 110, 110],  # inside cell 2 but 1/16 of it -> fragment -> negative
+        [200, 200, 230, 230],  # nowhere near a cell -> unmatched -> negative
+        [15, 0, 35, 20],       # half on cell 0, half on cell 1: IoP 0.25/0.75 -> matched to cell 1
+        [90, 90, 130, 130],    # IoP 30²/40² = 0.56 with cell 2, covers 56% of it -> matched
+        [80, 80, 110, 110],    # IoP 10²/30² = 0.11 -> unmatched
+    ], np.float32)
+    labels, kinds = label_proposals(proposals, GT, GT_LABELS)
+    assert kinds.tolist() == ["matched", "merged", "fragment", "unmatched", "matched", "matched", "unmatched"]
+    np.testing.assert_array_equal(labels[0], GT_LABELS[0])
+    np.testing.assert_array_equal(labels[4], GT_LABELS[1])
+    np.testing.assert_array_equal(labels[5], GT_LABELS[2])
+    assert labels[[1, 2, 3, 6]].sum() == 0
+
+
+def test_thresholds_are_the_config_s():
+    frag = np.array([[100, 100, 110, 110]], np.float32)  # covers 1/16 = 0.0625 of cell 2
+    assert label_proposals(frag, GT, GT_LABELS, ProposalConfig(fragment_coverage=0.05))[1].tolist() == ["matched"]
+    loose = np.array([[0, 0, 40, 20]], np.float32)  # covers cells 0 and 1 fully
+    _, kinds = label_proposals(loose, GT, GT_LABELS, ProposalConfig(merge_coverage=1.0))
+    assert kinds.tolist() == ["unmatched"]  # not a merge any more, and IoP 0.5 with either is not > 0.5
+
+
+def test_no_annotations_means_every_proposal_is_negative():
+    labels, kinds = label_proposals(np.array([[0, 0, 5, 5]]), np.zeros((0, 4)), np.zeros((0, 3)), num_classes=3)
+    assert labels.shape == (1, 3) and labels.sum() == 0 and kinds.tolist() == ["unmatched"]
+
+
+def test_read_proposals_groups_by_image_and_names_a_bad_row(tmp_path):
+    good = tmp_path / "instances.csv"
+    pd.DataFrame({"image_id": ["a", "a", "b"], "x0": [0, 5, 1], "y0": [0, 5, 1], "x1": [4, 9, 3], "y1": [4, 9, 3],
+                  "area": [16, 16, 4]}).to_csv(good, index=False)
+    boxes = read_proposals(good)
+    assert sorted(boxes) == ["a", "b"] and boxes["a"].shape == (2, 4)
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"image_id": ["a", "a"], "x0": [0, 5], "y0": [0, 5], "x1": [4, 3], "y1": [4, 9]}).to_csv(bad, index=False)
+    with pytest.raises(DataError, match=r"bad.csv: row 3"):
+        read_proposals(bad)
+
+
+def test_sampler_mixes_labelled_proposal_crops(tmp_path):
+    ds = toy_dataset(tmp_path).subset("train")
+    proposals = {}
+    for r in ds.records:  # one exact hit and one merge (the bounding box of both cells) per image
+        if r.n_boxes >= 2:
+            merged = np.r_[r.boxes[:, :2].min(axis=0), r.boxes[:, 2:].max(axis=0)]
+            proposals[r.image_id] = np.stack([r.boxes[0], merged])
+    pool = proposal_pool(ds, proposals, ProposalConfig())
+    assert pool.counts()["matched"] == len(proposals) and pool.counts()["merged"] == len(proposals)
+    sampler = CropSampler(ds, CropConfig(size=32), SamplingConfig(batch_size=10), NegativeConfig(ratio=0.2),
+                          None, proposals=pool, proposal_share=0.6, proposal_negative_share=0.5)
+    assert (sampler.n_proposal_positive, sampler.n_proposal_negative, sampler.n_ground_truth) == (3, 3, 4)
+    crops, labels = sampler.batch_crops(np.random.default_rng(0))
+    assert crops.shape == (10, 32, 32, 3)
+    assert labels[-3:].sum() == 0          # merged proposals: negatives
+    assert (labels[-6:-3].max(axis=1) == 1).all()  # matched proposals: their cell's classes
+    assert sampler.expected_frequency().shape == (3,)
