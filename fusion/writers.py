@@ -5,7 +5,7 @@ so every stage and the evaluator agree on columns; this module only adds the for
 fused inference. Every file is written atomically.
 
 - GeoJSON follows QuPath's import format: a ``FeatureCollection`` of ``Feature`` s whose geometry is
-  the box as a closed ``Polygon`` ring in level-0 pixel coordinates, with
+  the cell's outline (or, when unknown, its box) as a closed ``Polygon`` ring in level-0 pixel coordinates, with
   ``properties.objectType = "detection"``, ``classification {name, color}`` and ``measurements``.
   QuPath imports one file per image, so the per-image files are what a user drags onto a slide; the
   combined file carries ``image_id`` in each feature's properties.
@@ -70,19 +70,41 @@ def _finite(value: Any) -> Optional[float]:
 # ------------------------------------------------------------------------------------------ GeoJSON
 
 
-def geojson_features(detections: pd.DataFrame, class_names: Sequence[str], colours: Optional[Mapping[str, Sequence[int]]] = None) -> list[dict]:
-    """One QuPath detection Feature per row of a detections table (pixel boxes ``x0..y1``)."""
+def geojson_features(
+    detections: pd.DataFrame,
+    class_names: Sequence[str],
+    colours: Optional[Mapping[str, Sequence[int]]] = None,
+    outlines: Optional[Sequence[Optional[np.ndarray]]] = None,
+    mpp: Optional[float] = None,
+) -> list[dict]:
+    """One QuPath detection Feature per row of a detections table (pixel boxes ``x0..y1``).
+
+    The geometry is the cell's outline (``outlines[i]``, a closed x, y ring in level-0 pixels) when
+    known, else its box. Measurements: the class scores, ``score`` (the best of them), the seg
+    score, areas in pixels and, when ``mpp`` (µm per level-0 pixel) is known, ``Area µm^2``.
+    """
     colours = dict(colours or class_colours(class_names))
     probs = [f"p_{c}" for c in class_names]
     features = []
     for i, row in enumerate(detections.itertuples(index=False)):
         rec = row._asdict()
         x0, y0, x1, y1 = (float(rec[k]) for k in ("x0", "y0", "x1", "y1"))
-        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+        outline = outlines[i] if outlines is not None else None
+        if outline is not None and len(outline) >= 4:
+            ring = [[round(float(x), 2), round(float(y), 2)] for x, y in np.asarray(outline, np.float64)]
+        else:
+            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
         measurements: dict[str, Optional[float]] = {p: _finite(rec[p]) for p in probs if p in rec}
+        present = [rec[p] for p in probs if p in rec]
+        if present:
+            measurements["score"] = _finite(max(float(v) for v in present))
         for extra in ("seg_score", "area", "object_area"):
             if extra in rec:
                 measurements[extra] = _finite(rec[extra])
+        if mpp is not None:
+            pixels = rec.get("object_area", rec.get("area"))
+            if pixels is not None:
+                measurements["Area µm^2"] = _finite(float(pixels) * float(mpp) ** 2)
         name = str(rec.get("label", ""))
         image_id = str(rec["image_id"])
         features.append({
@@ -100,9 +122,11 @@ def geojson_features(detections: pd.DataFrame, class_names: Sequence[str], colou
     return features
 
 
-def write_geojson(path: PathLike, detections: pd.DataFrame, class_names: Sequence[str]) -> None:
-    """Write a detections table as a QuPath-importable FeatureCollection."""
-    write_json(path, {"type": "FeatureCollection", "features": geojson_features(detections, class_names)})
+def write_geojson(path: PathLike, detections: pd.DataFrame, class_names: Sequence[str],
+                  outlines: Optional[Sequence[Optional[np.ndarray]]] = None, mpp: Optional[float] = None) -> None:
+    """Write a detections table (with cell outlines when given) as a QuPath-importable FeatureCollection."""
+    features = geojson_features(detections, class_names, outlines=outlines, mpp=mpp)
+    write_json(path, {"type": "FeatureCollection", "features": features})
 
 
 # --------------------------------------------------------------------------------------------- COCO
