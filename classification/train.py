@@ -23,6 +23,8 @@ from .crops import CropConfig, JitterConfig, NegativeConfig
 from .dataset import AugmentConfig, CropSampler, ImageCache, SamplingConfig, validation_crops
 from .metrics import classification_metrics, format_metrics
 from .model import ModelConfig, build_network, count_parameters, make_loss, probabilities
+from cytocore.mpp import training_mpp
+
 from .model_io import Classifier, checkpoint_meta, load_initial_weights
 from .proposals import ProposalConfig, ProposalPool, proposal_pool, read_proposals
 
@@ -203,6 +205,8 @@ def make_task(setup: ClassificationSetup) -> TrainTask:
         return metrics
 
     meta = checkpoint_meta(setup.model, names, setup.crop, cfg)
+    # µm/px of the training images (crops are scale-free, but the record tells users what the model saw)
+    meta["mpp"] = training_mpp(cfg["data"].get("mpp"), setup.train_set.root)
     return TrainTask(setup.network, setup.loss, batches, validate, meta=meta)
 
 

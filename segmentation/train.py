@@ -200,6 +200,7 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
 def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
     """Targets, samplers, augmentation, network, loss and validator for one training run."""
     from cytocore import runtime
+    from cytocore.mpp import training_mpp
     from cytocore.trainloop import TrainTask
 
     from .losses import class_weights_from_counts, make_loss
@@ -252,6 +253,7 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
         "class_names": list(ds.class_names),
         "mode": mode,
         "scale": scale,
+        "mpp": training_mpp(cfg["data"].get("mpp"), ds.root),  # µm/px of the training images (None: unknown)
         "input_multiple": multiple,
         "threshold": float(v["threshold"]),
         "config": cfg,
