@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--classes", default=None, metavar="A,B,...", help="class names you expect from the classifier")
     f.add_argument("--folds", type=int, default=3, help="image folds for the cross-fitted logistic rule's FROC (default 3)")
     f.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the logistic rule (default 0.01)")
+    f.add_argument("--specimen-k", type=int, default=5,
+                   help="specimen rule: an image's evidence for a class = mean of its k best seg*cls scores (default 5)")
     f.add_argument("--shrink", default=",".join(f"{s:g}" for s in DEFAULT_SHRINKS), metavar="S1,S2,...",
                    help="box shrink factors to try with the best rule")
     f.add_argument("--threads", type=int, default=None, help="CPU threads for MindSpore")
@@ -79,7 +81,7 @@ def _fit(args: argparse.Namespace) -> int:
     pipeline = Pipeline(args.seg, args.cls, args.config, classes=parse_classes(args.classes), overrides=overrides)
     dataset = load_dataset(args.data, format=args.format, class_names=pipeline.class_names)
     report = fit_fusion(pipeline, dataset, split=None if args.split == "all" else args.split, folds=args.folds,
-                        l2=args.l2, shrinks=shrinks, progress=not args.no_progress)
+                        l2=args.l2, shrinks=shrinks, progress=not args.no_progress, specimen_k=args.specimen_k)
     report["data"] = str(args.data)
     write_json(args.out, report)
     print(format_report(report))
@@ -183,23 +185,68 @@ def froc_of(dataset: Dataset, records: Sequence[ImageRecord], predictions: pd.Da
 
 def candidate_rules(class_names: Sequence[str], hierarchy, weights: Sequence[float] = DEFAULT_WEIGHTS) -> list:
     """Every fixed rule to compare (weighted ones at each weight)."""
-    from fusion.rules import RULES, WEIGHTED_RULES, FusionRule
+    from fusion.rules import FITTED_RULES, RULES, WEIGHTED_RULES, FusionRule
 
     rules = []
     for name in RULES:
-        if name == "logistic":
+        if name in FITTED_RULES:
             continue
         for w in (weights if name in WEIGHTED_RULES else (0.5,)):
             rules.append(FusionRule(name=name, weight=w, hierarchy=dict(hierarchy)))
     return rules
 
 
+def image_scores(frame: pd.DataFrame, class_names: Sequence[str]) -> np.ndarray:
+    """``(N, K)`` fused class scores of one image's detections."""
+    return frame[[f"p_{c}" for c in class_names]].to_numpy(np.float64) if len(frame) else np.zeros((0, len(class_names)))
+
+
+def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequence[str], rule_for: Callable,
+                     final_rule, settings, n_folds: int, fold: Mapping[str, int], l2: float) -> dict:
+    """The image-level malignancy model on validation images, with its cross-fitted ROC AUC there.
+
+    Each image's features come from the detections of the chosen rule (cross-fitted when the rule
+    itself is fitted); the reported AUC scores every fold with a model fitted on the other folds,
+    and the model kept (``model``) is fitted on all validation images. ``model`` is None when the
+    validation images are all with, or all without, annotated cells.
+    """
+    from fusion.pipeline import detections_from_candidates
+    from fusion.triage import fit_triage
+
+    from .explain_auc import roc_auc
+
+    scores = {r.image_id: image_scores(detections_from_candidates(r.image_id, cands[r.image_id], r.width, r.height, names,
+                                                                  rule_for(r.image_id), settings), names) for r in records}
+    truth = {r.image_id: bool(r.n_boxes and r.labels.any()) for r in records}
+    ids = [r.image_id for r in records]
+    y = np.array([truth[i] for i in ids])
+    out: dict = {"model": None, "n_images": len(ids), "n_cancer": int(y.sum()), "roc_auc_cross_fitted": None,
+                 "roc_auc_top_score": None}
+    if y.all() or not y.any():
+        out["note"] = "validation images are all of one kind (with or without annotated cells): no triage model"
+        return out
+    top = np.array([s.max() if s.size else 0.0 for s in (scores[i] for i in ids)])
+    out["roc_auc_top_score"] = roc_auc(y, top)
+    crossed = np.full(len(ids), np.nan)
+    for k in range(n_folds):
+        train = [j for j, i in enumerate(ids) if fold[i] != k]
+        model = fit_triage([scores[ids[j]] for j in train], y[train], l2=l2)
+        for j, i in enumerate(ids):
+            if fold[i] == k:
+                crossed[j] = model.score(scores[i]) if model is not None else top[j]
+    out["roc_auc_cross_fitted"] = roc_auc(y, crossed)
+    final = fit_triage([scores[i] for i in ids], y, l2=l2)
+    out["model"] = final.to_dict() if final is not None else None
+    return out
+
+
 def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: int = 3, l2: float = 1e-2,
                shrinks: Sequence[float] = DEFAULT_SHRINKS, progress: bool = True,
-               weights: Sequence[float] = DEFAULT_WEIGHTS) -> dict:
-    """Measure every rule's validation FROC, fit the logistic rule, pick the best rule and shrink."""
+               weights: Sequence[float] = DEFAULT_WEIGHTS, specimen_k: int = 5) -> dict:
+    """Measure every rule's validation FROC, fit the logistic and specimen rules, pick the best rule and
+    shrink, and fit the image-level triage model; only images of ``split`` are ever read."""
     from fusion.pipeline import DetectSettings
-    from fusion.rules import fit_logistic_rule
+    from fusion.rules import fit_logistic_rule, fit_specimen_rule
 
     names = list(pipeline.class_names)
     if sorted(dataset.class_names) != sorted(names):
@@ -243,23 +290,44 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     seg, cls, tgt = stack(all_ids)
     final_logistic = fit_logistic_rule(seg, cls, tgt, names, l2=l2, hierarchy=hierarchy)
 
+    # Specimen rule (cell + image evidence): cross-fitted the same way, then fitted on every validation image.
+    per_image = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), targets[i]) for i in ids]  # noqa: E731
+    specimen_folds: dict[int, object] = {}
+    if len(records) >= 2:
+        for k in range(n_folds):
+            specimen_folds[k] = fit_specimen_rule(per_image([i for i in all_ids if fold[i] != k]), names, specimen_k, l2, hierarchy)
+        scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i: specimen_folds[fold[i]], settings))
+        results.append({"rule": "specimen", "weight": 0.5,
+                        "description": f"specimen (cell + image evidence, k={specimen_k}, cross-fitted)", **scored})
+    final_specimen = fit_specimen_rule(per_image(all_ids), names, specimen_k, l2, hierarchy)
+
     ranked = [r for r in results if r["accuracy"] is not None]
     if not ranked:
         raise DataError(f"{dataset.root or 'data set'}: the validation images have no ground-truth boxes; FROC is undefined")
     best = max(ranked, key=lambda r: r["accuracy"])  # first of equals: the simpler rule listed earlier
-    best_rule = final_logistic if best["rule"] == "logistic" else next(
-        rule for rule in candidate_rules(names, hierarchy, weights) if rule.name == best["rule"] and rule.weight == best["weight"])
-
-    # Box shrink with the chosen rule (cross-fitted for logistic, as above).
-    rule_for = (lambda i: fold_rules[fold[i]]) if best["rule"] == "logistic" else (lambda _i: best_rule)
+    fitted = {"logistic": (final_logistic, lambda i: fold_rules[fold[i]]),
+              "specimen": (final_specimen, lambda i: specimen_folds[fold[i]])}
+    if best["rule"] in fitted:
+        best_rule, rule_for = fitted[best["rule"]]  # box shrink below: cross-fitted, as the rule's FROC was
+    else:
+        best_rule = next(rule for rule in candidate_rules(names, hierarchy, weights)
+                         if rule.name == best["rule"] and rule.weight == best["weight"])
+        rule_for = lambda _i: best_rule  # noqa: E731
     shrink_results = []
     for s in shrinks:
         trial = DetectSettings(settings.floors, settings.iou, settings.containment, settings.max_detections, float(s))
         shrink_results.append({"box_shrink": float(s), **froc_of(dataset, records, predictions_for(cands, records, names, rule_for, trial))})
     best_shrink = max(shrink_results, key=lambda r: (r["accuracy"] or -1, -abs(r["box_shrink"] - 1.0)))
 
+    shrunk = DetectSettings(settings.floors, settings.iou, settings.containment, settings.max_detections,
+                            float(best_shrink["box_shrink"]))
+    triage = fit_image_triage(cands, records, names, rule_for, best_rule, shrunk, n_folds, fold, l2)
+
     info = pipeline.checkpoint_info()
     return {
+        "triage": triage.pop("model"),
+        "triage_fit": triage,
+        "specimen_fit": final_specimen.to_dict(),
         "fusion": best_rule.to_dict(),
         "box_shrink": best_shrink["box_shrink"],
         "selected_by": "official FROC accuracy (mean FROC over classes) on the validation images",
@@ -297,4 +365,10 @@ def format_report(report: dict) -> str:
         lines.append(f"  box_shrink {r['box_shrink']:<5g} accuracy {num(r['accuracy'])}")
     lines.append(f"chosen: {report['selected']} with box_shrink {report['box_shrink']:g} "
                  f"(validation accuracy {num(report['validation_accuracy'])}, {report['n_images']} images)")
+    tri = report.get("triage_fit") or {}
+    if tri.get("roc_auc_cross_fitted") is not None:
+        lines.append(f"image triage ROC AUC on validation: calibrated model {tri['roc_auc_cross_fitted']:.4f} (cross-fitted), "
+                     f"highest detection score {tri['roc_auc_top_score']:.4f}")
+    elif tri.get("note"):
+        lines.append(f"image triage: {tri['note']}")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from cytocore.imageio import list_images, probability_to_uint8, read_image, writ
 from .geometry import box_areas, clip_boxes, shrink_boxes
 from .nms import class_floors, select_detections
 from .rules import FusionRule, fuse_scores
+from .triage import TriageModel
 
 log = logging.getLogger("cytofuse")
 
@@ -92,8 +93,10 @@ def apply_fusion_file(cfg: dict, path: PathLike) -> dict:
     """The config with its ``fusion`` block (and ``box_shrink``) taken from a ``fusion.json``."""
     data = read_fusion_file(path)
     out = copy.deepcopy(cfg)
-    block = {k: v for k, v in data["fusion"].items() if k in ("rule", "weight", "hierarchy", "logistic")}
+    block = {k: v for k, v in data["fusion"].items() if k in ("rule", "weight", "hierarchy", "logistic", "specimen_k")}
     out["fusion"] = merge(out["fusion"], block, str(path))
+    if data.get("triage"):
+        out["triage"] = data["triage"]
     if "box_shrink" in data:
         out["box_shrink"] = float(data["box_shrink"])
     out["fusion_source"] = str(path)
@@ -217,10 +220,14 @@ class ImageResult:
         return malignancy_score(self.detections, self.class_names)
 
 
-def malignancy_score(detections: pd.DataFrame, class_names: Sequence[str]) -> float:
-    if not len(detections):
-        return 0.0
-    return float(detections[[f"p_{c}" for c in class_names]].to_numpy(np.float64).max())
+def malignancy_score(detections: pd.DataFrame, class_names: Sequence[str], triage: Optional[Mapping[str, Any]] = None) -> float:
+    """The image's triage score: the fitted image-level model of ``fusion.json`` (``triage``) when
+    there is one, else the highest fused class score of any detection (0 if none)."""
+    scores = detections[[f"p_{c}" for c in class_names]].to_numpy(np.float64) if len(detections) else np.zeros((0, len(class_names)))
+    model = TriageModel.from_dict(triage) if triage else None
+    if model is not None:
+        return model.score(scores)
+    return float(scores.max()) if len(scores) else 0.0
 
 
 # --------------------------------------------------------------------------------------- the pipeline
@@ -454,7 +461,7 @@ def write_image_outputs(out: Path, file_name: str, image: np.ndarray, result: Im
         "width": result.width,
         "height": result.height,
         "n_detections": int(len(result.detections)),
-        "malignancy": round(result.malignancy, 6),
+        "malignancy": round(malignancy_score(result.detections, result.class_names, config.get("triage")), 6),
         "seconds": round(sum(timings.values()), 4),
         "timings": timings,
         "fingerprint": fingerprint,

@@ -15,6 +15,12 @@ Rules (``seg`` is the object's segmentation score, ``cls_c`` the classifier's pr
 - ``seg_share``  ``seg · cls_c / Σ_k cls_k`` — the object's seg score split by class share
 - ``logistic``   ``σ(b_c + a_c · [logit seg, logit cls_c, logit max_k cls_k])``: a per-class logistic
   regression fitted on validation candidates (numpy Newton/IRLS with an L2 penalty).
+- ``specimen``   the logistic rule plus the cell's *image's* evidence: ``logit e_c`` and ``log share_c``,
+  where ``e_c`` is the mean of the image's ``specimen_k`` highest ``seg · cls_c`` and ``share_c`` =
+  ``e_c / Σ_k e_k``. One specimen usually carries one tumour type, so a cell the classifier finds
+  ambiguous between SCC and AC is pulled towards the type its image shows clearly elsewhere, and a
+  lone confident cell in an image without other evidence is pulled down. Fitted on validation
+  candidates only, like ``logistic``.
 
 Multi-label consistency: SCC and AC are sub-types of NSCLC, so a cell scored SCC 0.8 is at least
 NSCLC 0.8; :func:`apply_hierarchy` lifts parents to the max of their children after fusion.
@@ -26,7 +32,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share", "logistic")
+RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share", "logistic", "specimen")
+#: Rules with fitted per-class parameters (``cytofuse fuse fit``).
+FITTED_RULES = frozenset({"logistic", "specimen"})
 #: Rules whose ``weight`` matters.
 WEIGHTED_RULES = frozenset({"geometric", "arithmetic"})
 #: The default hierarchy, used when every name in it is in the class list.
@@ -36,6 +44,10 @@ EPS = 1e-6
 #: Number of logistic features per class.
 N_FEATURES = 3
 FEATURE_NAMES: tuple[str, ...] = ("logit_seg", "logit_cls", "logit_max_cls")
+#: Features of the specimen rule: the logistic ones plus the image's evidence for the class.
+SPECIMEN_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + ("logit_image_evidence", "log_image_share")
+#: Candidates of an image whose scores make up its evidence for a class.
+DEFAULT_SPECIMEN_K = 5
 
 
 @dataclass
@@ -45,7 +57,8 @@ class FusionRule:
     name: str = "geometric"
     weight: float = 0.5
     hierarchy: dict[str, list[str]] = field(default_factory=dict)
-    logistic: Optional[dict[str, dict[str, Any]]] = None  # class -> {"coef": [3 floats], "intercept": float}
+    logistic: Optional[dict[str, dict[str, Any]]] = None  # class -> {"coef": [3 or 5 floats], "intercept": float}
+    specimen_k: int = DEFAULT_SPECIMEN_K  # the specimen rule's image evidence: mean of this many top scores
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
@@ -53,11 +66,16 @@ class FusionRule:
         if not 0.0 <= float(self.weight) <= 1.0:
             raise ValueError(f"fusion weight must be in [0, 1], got {self.weight}")
         self.weight = float(self.weight)
-        if self.name == "logistic" and not self.logistic:
-            raise ValueError("the logistic fusion rule needs fitted parameters (run `cytofuse fuse fit`, then pass --fusion fusion.json)")
+        if self.name in FITTED_RULES and not self.logistic:
+            raise ValueError(f"the {self.name} fusion rule needs fitted parameters (run `cytofuse fuse fit`, then pass --fusion fusion.json)")
+        if int(self.specimen_k) < 1:
+            raise ValueError(f"fusion specimen_k must be at least 1, got {self.specimen_k}")
+        self.specimen_k = int(self.specimen_k)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"rule": self.name, "weight": self.weight, "hierarchy": {k: list(v) for k, v in self.hierarchy.items()}}
+        if self.name == "specimen":
+            out["specimen_k"] = self.specimen_k
         if self.logistic is not None:
             out["logistic"] = {
                 c: {**p, "coef": [float(x) for x in p["coef"]], "intercept": float(p["intercept"])} for c, p in self.logistic.items()
@@ -81,14 +99,16 @@ class FusionRule:
                     f"logistic fusion parameters have no entry for class(es) {', '.join(missing)} "
                     f"(they were fitted for {', '.join(logistic)}); refit with `cytofuse fuse fit`"
                 )
+            need = len(SPECIMEN_FEATURE_NAMES) if name == "specimen" else N_FEATURES
             for c in class_names:
-                if len(logistic[c].get("coef", [])) != N_FEATURES:
-                    raise ValueError(f"logistic fusion parameters for {c!r} need {N_FEATURES} coefficients")
+                if name in FITTED_RULES and len(logistic[c].get("coef", [])) != need:
+                    raise ValueError(f"{name} fusion parameters for {c!r} need {need} coefficients")
         return cls(
             name=name,
             weight=float(block.get("weight", 0.5)),
             hierarchy=resolve_hierarchy(block.get("hierarchy", "auto"), class_names),
             logistic=dict(logistic) if logistic is not None else None,
+            specimen_k=int(block.get("specimen_k") or DEFAULT_SPECIMEN_K),
         )
 
 
@@ -178,6 +198,8 @@ def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names:
         fused = col * share
     elif rule.name == "logistic":
         fused = logistic_scores(s, c, rule.logistic or {}, class_names)
+    elif rule.name == "specimen":
+        fused = specimen_scores(s, c, rule.logistic or {}, class_names, rule.specimen_k)
     else:  # unreachable: FusionRule checks the name
         raise ValueError(rule.name)
     return apply_hierarchy(np.clip(fused, 0.0, 1.0), class_names, rule.hierarchy)
@@ -185,6 +207,38 @@ def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names:
 
 def logistic_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> np.ndarray:
     feats = logistic_features(seg, cls)
+    out = np.empty(feats.shape[:2], np.float64)
+    for j, name in enumerate(class_names):
+        p = params[name]
+        out[:, j] = sigmoid(feats[:, j, :] @ np.asarray(p["coef"], np.float64) + float(p["intercept"]))
+    return out
+
+
+def image_evidence(seg: np.ndarray, cls: np.ndarray, k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
+    """``(K,)`` one image's evidence for each class: the mean of its ``k`` highest ``seg · cls_c``
+    (fewer when the image has fewer candidates; 0 with none)."""
+    s, c = _check(seg, cls)
+    if not len(s):
+        return np.zeros(c.shape[1])
+    joint = s[:, None] * c
+    top = -np.sort(-joint, axis=0)[: max(1, int(k))]
+    return top.mean(axis=0)
+
+
+def specimen_features(seg: np.ndarray, cls: np.ndarray, k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
+    """``(N, K, 5)``: the logistic features plus ``[logit e_c, log share_c]`` of the image (all candidates
+    of ``seg``/``cls`` must come from one image)."""
+    s, c = _check(seg, cls)
+    base = logistic_features(s, c)
+    e = image_evidence(s, c, k)
+    share = e / e.sum() if e.sum() > 0 else np.full_like(e, 1.0 / max(len(e), 1))
+    image = np.stack([logit(e), np.log(np.clip(share, EPS, 1.0))], axis=1)  # (K, 2)
+    return np.concatenate([base, np.broadcast_to(image, (len(s),) + image.shape)], axis=2)
+
+
+def specimen_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str],
+                    k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
+    feats = specimen_features(seg, cls, k)
     out = np.empty(feats.shape[:2], np.float64)
     for j, name in enumerate(class_names):
         p = params[name]
@@ -289,3 +343,34 @@ def fit_logistic_rule(
         coef, intercept = fit_logistic(feats[:, j, :], y, l2=l2)
         params[name] = {"coef": coef.tolist(), "intercept": intercept, "fitted": True, "n_pos": n_pos, "n": int(len(y))}
     return FusionRule(name="logistic", weight=0.5, hierarchy=dict(hierarchy or {}), logistic=params)
+
+
+def fit_specimen_rule(
+    images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    k: int = DEFAULT_SPECIMEN_K,
+    l2: float = 1e-2,
+    hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
+) -> FusionRule:
+    """Fit the specimen rule on validation images, each ``(seg (N,), cls (N, K), targets (N, K))``.
+
+    Features are built per image (the image evidence needs all of an image's candidates), then
+    stacked; a class without both outcomes gets the fixed geometric-like rule (``fitted: false``).
+    """
+    n_feat = len(SPECIMEN_FEATURE_NAMES)
+    kk = len(class_names)
+    feats = [specimen_features(s, c, k) for s, c, _ in images if len(np.asarray(s).reshape(-1))]
+    tgts = [np.asarray(t, np.float64).reshape(-1, kk) for s, _, t in images if len(np.asarray(s).reshape(-1))]
+    x = np.concatenate(feats) if feats else np.zeros((0, kk, n_feat))
+    t = np.concatenate(tgts) if tgts else np.zeros((0, kk))
+    params: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(class_names):
+        y = t[:, j]
+        n_pos = int(y.sum())
+        if n_pos == 0 or n_pos == len(y):
+            params[name] = {"coef": [0.5, 0.5] + [0.0] * (n_feat - 2), "intercept": 0.0, "fitted": False,
+                            "n_pos": n_pos, "n": int(len(y))}
+            continue
+        coef, intercept = fit_logistic(x[:, j, :], y, l2=l2)
+        params[name] = {"coef": coef.tolist(), "intercept": intercept, "fitted": True, "n_pos": n_pos, "n": int(len(y))}
+    return FusionRule(name="specimen", weight=0.5, hierarchy=dict(hierarchy or {}), logistic=params, specimen_k=k)
