@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, metavar="DIR", help="run folder (reused on a second run)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set budget.seg_minutes=4 (repeatable)")
+    c.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="total training minutes of the two-stage system, shared between its stages as the config's "
+                        "budget does (the baseline gets the same by default): more time, more accuracy")
     c.add_argument("--no-progress", action="store_true", help="no tqdm bars (phase log lines stay)")
     c.set_defaults(handler=_compare)
 
@@ -49,7 +52,8 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import load_compare_config, run_compare
     from .demo import summary_text
 
-    cfg = load_compare_config(args.config, _no_progress(args))
+    extra = [f"budget.total_minutes={args.budget_minutes}"] if args.budget_minutes is not None else []
+    cfg = load_compare_config(args.config, _no_progress(args) + extra)
     results = run_compare(cfg, args.out)
     if "systems" in results and isinstance(results["systems"], dict):
         print(summary_text(results))

@@ -73,6 +73,28 @@ def load_compare_config(path: Optional[PathLike] = None, overrides: Iterable[str
     if CLASSIFIER in systems and len(systems) > 1:
         raise CytoFuseError(f"{source}: systems [classifier] is a classifier-only run; do not mix it with detection systems")
     cfg["systems"] = systems
+    return scale_budget(cfg)
+
+
+def scale_budget(cfg: dict) -> dict:
+    """``budget.total_minutes`` (``--budget-minutes``) shares a total between the stages in the ratio of
+    their configured minutes: more time, more epochs, same recipe. The baseline's ``auto`` budget then
+    follows the two stages' minutes as before."""
+    b = cfg["budget"]
+    total = b.get("total_minutes")
+    if total is None:
+        return cfg
+    total = float(total)
+    if total <= 0:
+        raise CytoFuseError(f"budget.total_minutes must be positive, not {total}")
+    systems = cfg["systems"]
+    keys = ["cls_minutes"] if systems == [CLASSIFIER] else (["seg_minutes", "cls_minutes"] if TWO_STAGE in systems else [])
+    if not keys:  # single-stage alone: the whole budget is the baseline's
+        b["baseline_minutes"] = total
+        return cfg
+    configured = sum(float(b[k]) for k in keys)
+    for k in keys:
+        b[k] = round(total * float(b[k]) / configured, 3)
     return cfg
 
 
@@ -488,6 +510,12 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
                                 lambda: train_unet(scfg, ds, out / "seg", resume=True, progress=progress))
         phases.start("train classifier", f"budget {budget['cls_minutes']} min")
         ccfg = cls_stage_config(cfg, data_path, budget["cls_minutes"])
+        if cfg["cls_proposals"]:
+            from .proposals_stage import training_proposals
+
+            ccfg["proposals"]["csv"] = str(training_proposals(runs["seg"]["best_checkpoint"], ds, d["train_split"],
+                                                              infer_config(cfg), out / "proposals", progress))
+            phases.note(f"classifier also trains on the segmenter's proposals: {ccfg['proposals']['csv']}")
         runs["cls"] = run_stage("classifier", out / "cls", ccfg,
                                 lambda: train_classifier(ccfg, out / "cls", resume=True, dataset=ds))
     if SINGLE_STAGE in systems:
