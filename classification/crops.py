@@ -123,7 +123,8 @@ def extract_crops(
     ``background`` is the image's padding colour when already known (it is cached per image during
     training); ``margin`` overrides ``cfg.margin`` (whole-tile crops use 0).
     """
-    image = np.asarray(image)
+    if not getattr(image, "lazy_rgb", False):  # a whole slide is cut window by window, never read whole
+        image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
     windows = square_windows(boxes, cfg.margin if margin is None else margin, cfg.min_side)

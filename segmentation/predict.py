@@ -384,6 +384,8 @@ class ProbabilityMaps:
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
+    if getattr(image, "lazy_rgb", False):  # a whole slide (cytocore.slides.LazyRGB): read strip by strip
+        return image
     arr = np.asarray(image)  # a memmap stays a view: nothing is read yet
     if arr.dtype != np.uint8:
         raise DataError(f"expected a uint8 image, got dtype {arr.dtype} (read it with cytocore.imageio.read_image)")

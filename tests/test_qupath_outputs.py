@@ -81,3 +81,16 @@ def test_qupath_script_reads_the_per_image_geojson_folder():
 
     script = (Path(__file__).resolve().parents[1] / "qupath" / "import_cytofuse_geojson.groovy").read_text()
     assert "stem + '.geojson'" in script and "addObjects(objects)" in script
+
+
+def test_detection_outlines_from_label_ids_or_from_the_probability_map():
+    from fusion.cell_outputs import detection_outlines
+
+    labels, det = _labels_and_detections()
+    det["label_id"] = [1.0, 2.0]
+    by_label = detection_outlines(det, 96, 64, labels=labels)
+    prob = (labels > 0).astype(np.float32) * 0.9
+    by_map = detection_outlines(det.drop(columns="label_id"), 96, 64, probability=prob, threshold=0.5)
+    for a, b, row in zip(by_label, by_map, det.itertuples()):
+        assert len(np.unique(a, axis=0)) > 4 and np.allclose(a, b)
+        assert a[:, 0].min() >= row.x0 and a[:, 0].max() <= row.x1

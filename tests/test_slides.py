@@ -30,7 +30,8 @@ def write_pyramid(path, image: np.ndarray, mpp: float = 0.5, levels: int = 3, ti
 def _tissue_on_glass(h=600, w=900):
     rng = np.random.default_rng(0)
     img = np.full((h, w, 3), 255, np.uint8)  # clean glass
-    img[128:384, 256:640] = rng.integers(60, 200, (256, 384, 3), dtype=np.uint8)  # stained tissue
+    y0, y1, x0, x1 = h * 128 // 600, h * 384 // 600, w * 256 // 900, w * 640 // 900
+    img[y0:y1, x0:x1] = rng.integers(60, 200, (y1 - y0, x1 - x0, 3), dtype=np.uint8)  # stained tissue
     return img
 
 
@@ -122,3 +123,23 @@ def test_training_mpp_from_config_or_metadata(tmp_path):
         training_mpp(-1, None)
     assert checkpoint_mpp({"mpp": 0.25}) == 0.25 and checkpoint_mpp({"config": {"data": {"mpp": 0.5}}}) == 0.5
     assert checkpoint_mpp({}) is None
+
+
+def test_tiled_prediction_and_crops_read_a_lazy_slide_like_the_array(tmp_path):
+    from classification.crops import CropConfig, extract_crops
+    from segmentation.predict import predict_probability
+
+    img = _tissue_on_glass(300, 420)
+    write_pyramid(tmp_path / "s.tif", img, mpp=0.5)
+    lazy = slide_source(Slide(tmp_path / "s.tif"))
+
+    def net(batch):  # a fixed "network": darker pixels are more foreground
+        return (0.5 - batch.mean(axis=1, keepdims=True)).astype(np.float32)
+
+    cfg = {"tile": 64, "context": 8, "batch_size": 3, "scale": 0.5}
+    a = predict_probability(img, net, cfg).saliency
+    b = predict_probability(lazy, net, cfg).saliency
+    assert np.array_equal(a, b)
+    boxes = np.array([[260, 130, 300, 170], [0, 0, 30, 20], [400, 280, 420, 300]], np.float32)
+    crop_cfg = CropConfig(size=32)
+    assert np.array_equal(extract_crops(img, boxes, crop_cfg), extract_crops(lazy, boxes, crop_cfg))
