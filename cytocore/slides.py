@@ -75,12 +75,12 @@ def is_slide(path: PathLike) -> bool:
 class Slide:
     """An open slide: level-0 size, µm per pixel, region reads and thumbnails (never label/macro images)."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, backend: Optional[str] = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: file not found")
         suffix = self.path.suffix.lower()
-        self.backend = "openslide" if suffix in OPENSLIDE_SUFFIXES else "tiffslide"
+        self.backend = backend or ("openslide" if suffix in OPENSLIDE_SUFFIXES else "tiffslide")
         try:
             if self.backend == "openslide":
                 try:

@@ -143,3 +143,13 @@ def test_tiled_prediction_and_crops_read_a_lazy_slide_like_the_array(tmp_path):
     boxes = np.array([[260, 130, 300, 170], [0, 0, 30, 20], [400, 280, 420, 300]], np.float32)
     crop_cfg = CropConfig(size=32)
     assert np.array_equal(extract_crops(img, boxes, crop_cfg), extract_crops(lazy, boxes, crop_cfg))
+
+
+def test_openslide_backend_reads_the_same_level0_pixels(tmp_path):
+    pytest.importorskip("openslide", reason="the [openslide] extra is not installed")
+    img = _tissue_on_glass(300, 420)
+    write_pyramid(tmp_path / "s.tif", img, mpp=0.5)
+    slide = Slide(tmp_path / "s.tif", backend="openslide")
+    assert slide.backend == "openslide" and slide.mpp == pytest.approx(0.5)
+    assert (slide.read(10, 20, 300, 250) == img[20:250, 10:300]).all()
+    assert slide.thumbnail(8).shape == (38, 53, 3)
