@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="start from these weights (e.g. mindcv ImageNet weights); tensors of another shape are skipped")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    t.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="data-parallel workers on this machine, started with msrun (default 1: one process; "
+                        "sampling.batch_size stays the global batch)")
     t.set_defaults(handler=_train)
 
     p = cls_sub.add_parser("predict", help="classify crops, or boxes of images, with a trained classifier")
@@ -45,9 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cytocore import distributed
+
     from .train import load_cls_config, train_classifier
 
     cfg = load_cls_config(args.config, args.overrides)
+    if args.workers > 1:
+        return distributed.relaunch(args.workers, Path(args.out) / "msrun_logs", args.argv)
     if args.data is not None:
         cfg["data"]["path"] = args.data
     if args.format is not None:
@@ -58,6 +67,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg["train"]["time_budget_minutes"] = float(args.budget_minutes)
         cfg["train"]["epochs"] = max(int(cfg["train"]["epochs"]), 1000)  # the budget, not the epoch count, ends the run
     result = train_classifier(cfg, args.out, resume=args.resume, init_checkpoint=args.init_checkpoint)
+    if not distributed.is_main():
+        return 0
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     print(f"best {cfg['train']['monitor']} = {best}; checkpoints in {args.out} ({result.minutes:.1f} min)")
     return 0

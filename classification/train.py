@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from cytocore import runtime
+from cytocore import distributed, runtime
 from cytocore.config import load_config
 from cytocore.errors import CheckpointError, CytoFuseError, DataError
 from cytocore.records import Dataset
@@ -145,7 +145,9 @@ def build_setup(cfg: dict, dataset: Optional[Dataset] = None) -> ClassificationS
         augment = AugmentConfig(**cfg["augment"])
     except (TypeError, ValueError) as exc:
         raise CytoFuseError(f"config: {exc}") from None
-    sampling = SamplingConfig(**{**cfg["sampling"], "jitter": JitterConfig(**cfg["sampling"]["jitter"])})
+    # sampling.batch_size is the global batch: under msrun each worker draws its share of it
+    share = distributed.per_worker_batch(int(cfg["sampling"]["batch_size"]), "sampling.batch_size")
+    sampling = SamplingConfig(**{**cfg["sampling"], "batch_size": share, "jitter": JitterConfig(**cfg["sampling"]["jitter"])})
     train_set, val_set, whole_image = load_data(cfg, dataset)
     if whole_image and negatives.ratio > 0:
         log.info("whole-tile data set: no negative crops (its classes, e.g. a benign one, play that part)")

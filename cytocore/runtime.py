@@ -57,7 +57,11 @@ def _install_exit_noise_filter() -> None:
 
 
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    """The cores this process may use, shared equally among the workers of a job on this machine."""
+    from . import distributed
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // distributed.local_workers())
 
 
 def setup(seed: Optional[int] = 0, threads: Optional[int] = None, mode: str = "graph", device: str = "CPU") -> Any:
@@ -65,7 +69,9 @@ def setup(seed: Optional[int] = 0, threads: Optional[int] = None, mode: str = "g
 
     ``mode`` is ``"graph"`` (compiled, fastest for training) or ``"pynative"`` (eager, handy for
     debugging). ``threads`` defaults to the cores this process may use. Calling again only re-seeds
-    (MindSpore's device and thread pool cannot change after the first kernel runs).
+    (MindSpore's device and thread pool cannot change after the first kernel runs). A process started
+    by msrun joins its job here (:mod:`cytocore.distributed`); msrun's scheduler process stays in that
+    call until the job ends.
     """
     _quiet_mindspore_env()
     import mindspore as ms
@@ -80,6 +86,9 @@ def setup(seed: Optional[int] = 0, threads: Optional[int] = None, mode: str = "g
             log.debug("threads_num not available (%s); using set_context", exc)
             ms.set_context(runtime_num_threads=n)
         _state.update(ready=True, threads=n, device=device)
+        from . import distributed
+
+        distributed.init()
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     _state["mode"] = mode
     if seed is not None:
@@ -107,6 +116,7 @@ def runtime_info() -> dict[str, Any]:
         "device": _state.get("device"),
         "threads": _state.get("threads"),
         "mode": _state.get("mode"),
+        "workers": _workers(),
     }
     try:
         import mindcv
@@ -115,6 +125,12 @@ def runtime_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def _workers() -> int:
+    from . import distributed
+
+    return distributed.size()
 
 
 # --------------------------------------------------------------------------------------- checkpoints

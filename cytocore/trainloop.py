@@ -14,6 +14,12 @@ Time budgets: "train for N minutes" is how users and the baseline comparison sta
 ``time_budget_minutes`` the schedule's progress is the larger of steps done and budget used. The
 cosine then reaches its floor when the budget ends instead of being cut off at a high learning rate.
 (A budgeted run depends on machine speed, so it is not bit-reproducible; a step-limited one is.)
+
+Several workers (started by ``msrun``, see :mod:`cytocore.distributed`): each draws its own share of
+every batch from an RNG seeded by ``(seed, epoch, rank)``, the compiled step averages gradients over
+the workers before the optimiser update, so every worker holds the same weights; rank 0 alone
+validates and writes checkpoints, the log and ``state.json``, and its decisions (resume epoch, time
+budget) are broadcast so the workers never disagree on what to run next.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from . import distributed as dist
 from . import runtime
 from .atomic import write_json, write_text
 from .errors import CheckpointError
@@ -146,7 +153,8 @@ def make_train_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable
     """The compiled (graph-mode) step ``step(lr, inputs, *targets) -> loss``.
 
     The learning rate is an input rather than a table inside the optimiser so that a time budget
-    can steer the schedule from outside the graph.
+    can steer the schedule from outside the graph. With several workers the gradients (and the
+    reported loss) are averaged over them inside the step.
     """
     import mindspore as ms
     import mindspore.ops as ops
@@ -155,6 +163,9 @@ def make_train_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable
         return loss_fn(network(inputs), *targets)
 
     grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
+    reducer = dist.grad_reducer(optimizer.parameters)
+    if reducer is not None:
+        return _data_parallel_step(grad_fn, reducer, optimizer)
 
     @ms.jit
     def step(lr, inputs, *targets):
@@ -164,6 +175,30 @@ def make_train_step(network: Any, loss_fn: Callable, optimizer: Any) -> Callable
         return loss
 
     return step
+
+
+def _data_parallel_step(grad_fn: Callable, reducer: Any, optimizer: Any) -> Callable:
+    """The step of a worker: local gradients, averaged over all workers, then the same update everywhere."""
+    import mindspore as ms
+    import mindspore.ops as ops
+
+    sum_all = ops.AllReduce()
+    workers = float(dist.size())
+
+    @ms.jit
+    def step(lr, inputs, *targets):
+        loss, grads = grad_fn(inputs, *targets)
+        grads = reducer(grads)
+        ops.assign(optimizer.learning_rate, lr)
+        optimizer(grads)
+        return sum_all(loss) / workers
+
+    return step
+
+
+def data_seed(seed: int, epoch: int) -> list[int]:
+    """Seed of an epoch's batches: ``(seed, epoch)``, plus the rank when several workers share a batch."""
+    return [seed, epoch, dist.rank()] if dist.active() else [seed, epoch]
 
 
 def _better(value: float, best: Optional[float], mode: str) -> bool:
@@ -240,6 +275,56 @@ def _snapshot_config(out: Path, config: Optional[dict]) -> None:
     write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
+@dataclass
+class _Start:
+    """Where a run starts: the state ``last.ckpt``/``state.json`` give back on resume, else a new run."""
+
+    epoch: int = 0
+    seconds: float = 0.0
+    best: Optional[float] = None
+    history: list = field(default_factory=list)
+
+
+def _load_start(out: Path, net: Any, optimizer: Any, cfg: LoopConfig, resume: bool) -> _Start:
+    last_path, state_path = out / "last.ckpt", out / "state.json"
+    if resume and last_path.exists():
+        params, saved = runtime.load_checkpoint(last_path)
+        runtime.load_into(net, params, last_path, strict=True)
+        runtime.load_into(optimizer, params, last_path, strict=False)
+        state = _resume_state(state_path, saved, last_path, out / "log.csv")
+        start = _Start(int(state.get("epoch", -1)) + 1, float(state.get("seconds", 0.0)), state.get("best"),
+                       state.get("history", []))
+        log.info("resuming %s at epoch %d/%d", out, start.epoch + 1, cfg.epochs)
+        return start
+    if resume:
+        log.info("no %s to resume from: starting a new run", last_path)
+    elif last_path.exists():
+        raise CheckpointError(f"{out}: already holds a run (last.ckpt); pass --resume to continue it or choose another --out")
+    return _Start()
+
+
+def _agreed_start(out: Path, net: Any, optimizer: Any, cfg: LoopConfig, resume: bool) -> _Start:
+    """Rank 0 reads the run folder; every other worker takes its decision, weights and optimiser state.
+
+    So a job needs no shared disk to resume, and a refusal on rank 0 stops every worker.
+    """
+    if not dist.active():
+        return _load_start(out, net, optimizer, cfg, resume)
+    start, problem = _Start(), None
+    if dist.is_main():
+        try:
+            start = _load_start(out, net, optimizer, cfg, resume)
+        except CheckpointError as exc:
+            problem = exc
+    failed, epoch, seconds = dist.broadcast([problem is not None, start.epoch, start.seconds])
+    if problem is not None:
+        raise problem
+    if failed:
+        raise CheckpointError(f"{out}: rank 0 could not start the run (see its log)")
+    dist.broadcast_parameters([net, optimizer])
+    return start if dist.is_main() else _Start(int(epoch), float(seconds))
+
+
 def train(
     task: TrainTask,
     cfg: LoopConfig,
@@ -250,39 +335,25 @@ def train(
     """Train ``task.network`` in place; write ``best.ckpt``, ``last.ckpt``, ``log.csv``, ``state.json``.
 
     With ``resume`` and a ``last.ckpt`` in ``out_dir``, training continues after the last finished
-    epoch with the same optimiser state and data order; a finished run returns at once.
+    epoch with the same optimiser state and data order; a finished run returns at once. Under msrun
+    only rank 0 writes to ``out_dir``.
     """
     import mindspore as ms
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
+    main = dist.is_main()
     net = task.network
     optimizer = make_optimizer(net.trainable_params(), cfg)
     last_path, best_path, state_path = out / "last.ckpt", out / "best.ckpt", out / "state.json"
     meta = dict(task.meta)
 
-    history: list[dict] = []
-    best: Optional[float] = None
-    start_epoch = 0
-    elapsed_before = 0.0
-    if resume and last_path.exists():
-        params, saved = runtime.load_checkpoint(last_path)
-        runtime.load_into(net, params, last_path, strict=True)
-        runtime.load_into(optimizer, params, last_path, strict=False)
-        state = _resume_state(state_path, saved, last_path, out / "log.csv")
-        history = state.get("history", [])
-        best = state.get("best")
-        start_epoch = int(state.get("epoch", -1)) + 1
-        elapsed_before = float(state.get("seconds", 0.0))
-        log.info("resuming %s at epoch %d/%d", out, start_epoch + 1, cfg.epochs)
-    elif resume:
-        log.info("no %s to resume from: starting a new run", last_path)
-    elif last_path.exists():
-        raise CheckpointError(f"{out}: already holds a run (last.ckpt); pass --resume to continue it or choose another --out")
+    start = _agreed_start(out, net, optimizer, cfg, resume)
+    history, best, start_epoch, elapsed_before = start.history, start.best, start.epoch, start.seconds
     # A new run's folder is created with its first checkpoint: a run that fails before finishing an
     # epoch (bad data found on the first batch, Ctrl-C while compiling) leaves no half-made folder.
     written = start_epoch > 0
-    if written:
+    if written and main:
         _snapshot_config(out, config_snapshot)
 
     step = make_train_step(net, task.loss_fn, optimizer)
@@ -292,40 +363,47 @@ def train(
     t0 = time.time()
 
     def used() -> float:
-        return elapsed_before + time.time() - t0
+        """Seconds of training so far; rank 0's clock when a budget must stop all workers together."""
+        seconds = elapsed_before + time.time() - t0
+        return float(dist.broadcast([seconds])[0]) if budget_s is not None and dist.active() else seconds
 
-    def progress() -> float:
+    def progress(seconds: float) -> float:
         p = steps_done / total_steps
-        return max(p, used() / budget_s) if budget_s else p
+        return max(p, seconds / budget_s) if budget_s else p
 
-    lr_now = float(lr_at(progress(), cfg))
+    lr_now = float(lr_at(progress(used()), cfg))
     for epoch in range(start_epoch, cfg.epochs):
         if budget_s is not None and used() >= budget_s:
             log.info("time budget of %.1f min used up before epoch %d", cfg.time_budget_minutes, epoch + 1)
             break
-        rng = np.random.default_rng([cfg.seed, epoch])
-        runtime.seed_everything(cfg.seed * 1000 + epoch)
+        rng = np.random.default_rng(data_seed(cfg.seed, epoch))
+        runtime.seed_everything(cfg.seed * 1000 + epoch + 7919 * dist.rank())
         net.set_train(True)
         losses: list[float] = []
         seen = 0
         t_epoch = time.time()
-        bar = tqdm(total=cfg.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="step")
+        bar = tqdm(total=cfg.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
+                   leave=False, unit="step")
         for i, batch in enumerate(task.batches(epoch, rng)):
-            if i >= cfg.steps_per_epoch or (budget_s is not None and used() >= budget_s):
+            seconds = used()
+            if i >= cfg.steps_per_epoch or (budget_s is not None and seconds >= budget_s):
                 break
-            lr_now = float(lr_at(progress(), cfg))
+            lr_now = float(lr_at(progress(seconds), cfg))
             tensors = [ms.Tensor(np.ascontiguousarray(a)) for a in batch]
             loss = float(step(ms.Tensor(np.float32(lr_now)), *tensors).asnumpy())
             steps_done += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1} step {i + 1}; lower optimizer.lr")
             losses.append(loss)
-            seen += len(batch[0])
+            seen += len(batch[0]) * dist.size()
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr_now:.2e}")
         bar.close()
         train_seconds = time.time() - t_epoch
         net.set_train(False)
+        dist.average_buffers(net)
+        if not main:  # rank 0 validates and writes; the others wait for it at the next step's all-reduce
+            continue
         metrics = task.validate(net)
         row = {
             "epoch": epoch + 1,
@@ -343,7 +421,7 @@ def train(
         improved = _better(value, best, cfg.monitor_mode)
         if improved:
             best = float(value)
-        loop_state = {"epoch": epoch, "best": best, "seconds": used()}
+        loop_state = {"epoch": epoch, "best": best, "seconds": elapsed_before + time.time() - t0}
         ckpt_meta = {**meta, "epoch": epoch + 1, "metrics": metrics, "loop": loop_state}
         if not written:
             out.mkdir(parents=True, exist_ok=True)
@@ -356,7 +434,8 @@ def train(
         _write_log(out / "log.csv", history)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "samples", "lr") and isinstance(v, float))
         log.info("epoch %d/%d: %s%s", epoch + 1, cfg.epochs, shown, " (best)" if improved else "")
-    if not best_path.exists() and last_path.exists():
+    if main and not best_path.exists() and last_path.exists():
         runtime.save_checkpoint(best_path, [net], {**meta, "epoch": len(history)})
-    minutes = used() / 60
+    minutes = (elapsed_before + time.time() - t0) / 60
+    dist.barrier()  # every worker returns once rank 0's files are complete
     return TrainResult(history, best_path, last_path, best, minutes)

@@ -62,6 +62,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     """Parse and run; return the exit code. Errors the user can fix become one line, not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --workers, which relaunches the command
+    _serve_if_scheduler()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s: %(message)s" if not args.verbose else "%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -78,16 +80,33 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def _serve_if_scheduler() -> None:
+    """msrun's scheduler process runs this same command: it joins the job at once, before any data is
+    read, and MindSpore ends the process when the workers are done."""
+    from cytocore import distributed
+
+    if distributed.is_scheduler():
+        from cytocore import runtime
+
+        runtime.setup()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console-script entry point.
 
     Ends with ``os._exit`` after flushing: MindSpore's cells raise hundreds of ``Cell.__del__``
     AttributeErrors during interpreter teardown, which users must not see. Every output file is
-    already written atomically and closed by then, so skipping teardown loses nothing.
+    already written atomically and closed by then, so skipping teardown loses nothing. An msrun worker
+    is the exception: MindSpore signs it off from the job during a normal exit (the noise filter of
+    :mod:`cytocore.runtime` hides the destructor errors).
     """
     code = run(argv)
     sys.stdout.flush()
     sys.stderr.flush()
+    from cytocore import distributed
+
+    if distributed.joined():  # an msrun worker: a normal exit signs it off; msrun's scheduler waits for that
+        sys.exit(code)
     os._exit(code)
 
 

@@ -24,6 +24,9 @@ def add_actions(seg_sub: argparse._SubParsersAction) -> None:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 --set data.scale=1 (repeatable)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    t.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="data-parallel workers on this machine, started with msrun (default 1: one process; "
+                        "patches.batch_size stays the global batch)")
     t.set_defaults(handler=_train)
 
     p = seg_sub.add_parser("predict", help="probability maps (saliency/<id>.png) and cell boxes (instances.csv) for a folder")
@@ -39,9 +42,17 @@ def add_actions(seg_sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .train import load_seg_config, train_segmentation
 
+    from pathlib import Path
+
+    from cytocore import distributed
+
     cfg = load_seg_config(args.config, args.overrides)
+    if args.workers > 1:
+        return distributed.relaunch(args.workers, Path(args.out or cfg["out"]) / "msrun_logs", args.argv)
     result = train_segmentation(cfg, data=args.data, out=args.out, resume=args.resume, fmt=args.format,
                                 progress=False if args.no_progress else None)
+    if not distributed.is_main():
+        return 0
     last = result.history[-1] if result.history else {}
     shown = ", ".join(f"{k}={last[k]:.4f}" for k in ("val_dice", "val_iou", "val_rand_error") if k in last)
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
@@ -86,6 +97,7 @@ def run_standalone(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m segmentation")
     add_actions(parser.add_subparsers(dest="seg_command", required=True))
     args = parser.parse_args(list(argv))
+    args.argv = ["seg", *argv]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         return int(args.handler(args) or 0)

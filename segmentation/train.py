@@ -199,7 +199,7 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
 
 def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
     """Targets, samplers, augmentation, network, loss and validator for one training run."""
-    from cytocore import runtime
+    from cytocore import distributed, runtime
     from cytocore.mpp import training_mpp
     from cytocore.trainloop import TrainTask
 
@@ -244,7 +244,9 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
 
     sampler = PatchSampler(train_samples, int(p["size"]), float(p["cell_fraction"]), float(p["jitter"]),
                            bool(p["class_balance"]))
-    batches = PatchBatches(sampler, int(p["batch_size"]), loop.steps_per_epoch, mode, build_augment(cfg["augment"]))
+    # patches.batch_size is the global batch: under msrun each worker draws its share of it
+    batch = distributed.per_worker_batch(int(p["batch_size"]), "patches.batch_size")
+    batches = PatchBatches(sampler, batch, loop.steps_per_epoch, mode, build_augment(cfg["augment"]))
     validator = Validator(val_samples, int(v["tile"]), int(v["batch_size"]), mode, num_classes, ds.class_names,
                           float(v["threshold"]), bool(v["rand_error"]))
     meta = {
