@@ -1,8 +1,8 @@
 """Score a predictions table against a data set: the challenge metric plus AP50, in one dict.
 
 This is the glue behind ``cytofuse evaluate``: it turns a :class:`~cytocore.records.Dataset` and the
-challenge's normalised predictions table into the arrays :mod:`experiments.metric`,
-:mod:`experiments.explain_auc` and :mod:`experiments.coco_ap` work on, and checks the inputs on the
+challenge's normalised predictions table into the arrays :mod:`cytocore.froc`,
+:mod:`experiments.explain_auc` and :mod:`cytocore.coco_ap` work on, and checks the inputs on the
 way. Predictions for images the data set does not have are reported (file, first row, count) and
 left out, like other bad input; only when no prediction names any of its images -- the wrong file
 or folder was passed -- does it stop instead of scoring nothing.
@@ -17,12 +17,12 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from cytocore.coco_ap import ap50_per_class
 from cytocore.errors import DataError
+from cytocore.froc import FP_RATES, Thresholds, per_class_froc, stack_ground_truth
 from cytocore.records import Dataset, ImageRecord
 
-from .coco_ap import ap50_per_class
 from .explain_auc import explainability_auc
-from .metric import FP_RATES, Thresholds, class_froc
 
 log = logging.getLogger("cytofuse")
 
@@ -75,21 +75,11 @@ def evaluate(
     pred_boxes = _to_pixels(preds, records, pred_image)
     pred_scores = preds[[f"p_{c}" for c in class_names]].to_numpy(np.float64).reshape(len(preds), len(class_names))
 
-    froc: dict[str, Optional[float]] = {}
-    curves: dict[str, dict] = {}
-    n_gt: dict[str, int] = {}
-    for c, name in enumerate(class_names):
-        has = gt_labels[:, c].astype(bool)
-        n_gt[name] = int(has.sum())
-        if not has.any():
-            warn(f"class {name!r} has no ground-truth box in the evaluated images: skipped, not in accuracy")
-            froc[name] = None
-            continue
-        res = class_froc(pred_image, pred_boxes, pred_scores[:, c], gt_image[has], gt_boxes[has], n_images, thresholds)
-        froc[name] = res.froc
-        curves[name] = res.to_dict()
-    scored = [v for v in froc.values() if v is not None]
-    accuracy = float(np.mean(scored)) if scored else None
+    frocs = per_class_froc(pred_image, pred_boxes, pred_scores, gt_image, gt_boxes, gt_labels, class_names,
+                           n_images, thresholds)
+    for name in frocs.skipped:
+        warn(f"class {name!r} has no ground-truth box in the evaluated images: skipped, not in accuracy")
+    froc, curves, n_gt, accuracy = frocs.froc, frocs.curves, frocs.n_gt, frocs.accuracy
     if accuracy is None:
         warn("no class has ground truth in the evaluated images: accuracy is undefined")
 
@@ -179,15 +169,10 @@ def _select_images(
 
 def _ground_truth(records: Sequence[ImageRecord], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Boxes of all images stacked, with the image index of each box."""
-    image = np.concatenate([np.full(r.n_boxes, i, np.int64) for i, r in enumerate(records)] + [np.zeros(0, np.int64)])
-    boxes = np.concatenate([r.boxes.astype(np.float64) for r in records] + [np.zeros((0, 4))])
-    labels = np.concatenate(
-        [r.labels.reshape(r.n_boxes, -1) if r.n_boxes else np.zeros((0, k), np.uint8) for r in records]
-        + [np.zeros((0, k), np.uint8)]
-    )
-    if labels.shape[1] != k:
-        raise DataError(f"label rows have {labels.shape[1]} classes but the data set names {k}")
-    return image, boxes, labels
+    try:
+        return stack_ground_truth(records, k)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _to_pixels(preds: pd.DataFrame, records: Sequence[ImageRecord], pred_image: np.ndarray) -> np.ndarray:

@@ -282,14 +282,15 @@ class Pipeline:
         """Prediction and post-processing options: segmentation defaults ← the checkpoint's training
         config and validated threshold ← this config's ``segmentation: {predict, postprocess}``."""
         from segmentation.postprocess import postprocess_config
-        from segmentation.predict import predict_config
+        from segmentation.predict import predict_config, tuned_postprocess
 
         user = dict(self.config.get("segmentation") or {})
         unknown = sorted(set(user) - {"predict", "postprocess"})
         if unknown:
             raise CytoFuseError(f"config segmentation: unknown option(s) {', '.join(unknown)} (known: predict, postprocess)")
         saved = (getattr(self.segmenter, "meta", {}) or {}).get("config") or {}
-        post_saved = {"threshold": float(getattr(self.segmenter, "threshold", 0.5)), **(saved.get("postprocess") or {})}
+        post_saved = {"threshold": float(getattr(self.segmenter, "threshold", 0.5)), **(saved.get("postprocess") or {}),
+                      **tuned_postprocess(getattr(self.segmenter, "meta", None))}  # chosen on val by FROC
         try:
             predict = predict_config({**(saved.get("predict") or {}), **(user.get("predict") or {})})
             post = postprocess_config({**post_saved, **(user.get("postprocess") or {})})

@@ -1,4 +1,4 @@
-"""Subcommands of the segmentation stage: ``cytofuse seg train`` and ``cytofuse seg predict``.
+"""Subcommands of the segmentation stage: ``cytofuse seg train``, ``seg predict`` and ``seg ceiling``.
 
 MindSpore and the stage's modules are imported inside the handlers, so ``cytofuse --help`` stays fast.
 """
@@ -37,6 +37,20 @@ def add_actions(seg_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. --set predict.tta=flip --set postprocess.threshold=0.4 (repeatable)")
     p.set_defaults(handler=_predict)
+
+    c = seg_sub.add_parser("ceiling", help="metric ceiling: perfect network outputs from the annotations through the "
+                                           "configured scale and post-processing")
+    c.add_argument("--data", default=None, help="data set folder (else data.path of the config)")
+    c.add_argument("--split", default=None, help="only this split (default: all images)")
+    c.add_argument("--config", default=None, help="YAML overriding segmentation/configs/default.yaml (scale, targets, postprocess)")
+    c.add_argument("--format", choices=["auto", "challenge", "voc", "coco"], default=None, help="data set layout")
+    c.add_argument("--out", default=None, help="write the result as JSON here (e.g. ceiling.json)")
+    c.add_argument("--blur", type=float, default=0.0,
+                   help="Gaussian blur (px at network scale) of the perfect maps, to mimic a trained network (default 0)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set data.scale=0.75 --set postprocess.marker_threshold=0.4")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(handler=_ceiling)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -84,6 +98,22 @@ def _predict(args: argparse.Namespace) -> int:
     table = predict_folder(args.checkpoint, args.images, args.out, predict_cfg=predict_cfg or None,
                            post_cfg=post_cfg or None, progress=True)
     print(f"wrote {args.out}/saliency/ and {args.out}/instances.csv ({len(table)} cells)")
+    return 0
+
+
+def _ceiling(args: argparse.Namespace) -> int:
+    from cytocore.atomic import write_json
+
+    from .ceiling import format_ceiling, run_ceiling
+    from .train import load_seg_config
+
+    cfg = load_seg_config(args.config, args.overrides)
+    result = run_ceiling(cfg, data=args.data, split=args.split, fmt=args.format, blur=args.blur,
+                         progress=not args.no_progress)
+    print(format_ceiling(result))
+    if args.out:
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -5,7 +5,11 @@ the soft Dice term scores the overlap of the cell region directly and is insensi
 imbalance, while the pixel loss keeps gradients well-behaved early on. Dice is computed over the
 whole batch (not per patch) so patches without any cell do not produce a 0/0 term.
 
-Both are ``nn.Cell``s that run inside the train loop's compiled step: MindSpore ops only.
+The instance head (extra output channels after the semantic ones) is trained by
+:class:`WithInstanceHead`: binary cross-entropy against its soft [0, 1] target (StarDist trains its
+object probability the same way), added to the semantic loss with weight ``loss.instance_weight``.
+
+All are ``nn.Cell``s that run inside the train loop's compiled step: MindSpore ops only.
 """
 from __future__ import annotations
 
@@ -81,8 +85,43 @@ class CEDiceLoss(nn.Cell):
         return self.ce_weight * ce + self.dice_weight * (1.0 - ops.mean(dice[1:]))
 
 
-def make_loss(mode: str, out_channels: int, loss_cfg: dict, class_weights: Optional[Sequence[float]] = None) -> nn.Cell:
-    """The loss for a ``binary`` (1 channel) or ``classes`` (K+1 channels) model from the ``loss:`` block."""
+class WithInstanceHead(nn.Cell):
+    """Semantic loss on the first ``semantic`` channels + ``weight`` × BCE of the instance head channels.
+
+    Targets are ``(N, 1 + H, P, P)`` float32: channel 0 is the semantic target (0/1, or the class
+    index for ``classes`` mode, cast back to int32 here), the rest the head targets in [0, 1].
+    """
+
+    def __init__(self, semantic_loss: nn.Cell, semantic: int, classes: bool, weight: float = 1.0) -> None:
+        super().__init__()
+        self.semantic_loss = semantic_loss
+        self.semantic = int(semantic)
+        self.classes = bool(classes)
+        self.weight = float(weight)
+        self.one = ms.Tensor(np.array([1.0], np.float32))
+
+    def construct(self, logits, target):
+        sem_logits = logits[:, : self.semantic]
+        head_logits = logits[:, self.semantic :]
+        if self.classes:
+            sem = self.semantic_loss(sem_logits, ops.cast(target[:, 0], ms.int32))
+        else:
+            sem = self.semantic_loss(sem_logits, target[:, :1])
+        head = ops.binary_cross_entropy_with_logits(head_logits, target[:, 1:], self.one, self.one)
+        return sem + self.weight * head
+
+
+def make_loss(mode: str, out_channels: int, loss_cfg: dict, class_weights: Optional[Sequence[float]] = None,
+              instance_channels: int = 0) -> nn.Cell:
+    """The loss for a ``binary`` (1 channel) or ``classes`` (K+1 channels) model from the ``loss:`` block,
+    wrapped by :class:`WithInstanceHead` when the model has instance channels."""
+    base = _semantic_loss(mode, out_channels, loss_cfg, class_weights)
+    if instance_channels:
+        return WithInstanceHead(base, out_channels, mode == "classes", float((loss_cfg or {}).get("instance_weight", 1.0)))
+    return base
+
+
+def _semantic_loss(mode: str, out_channels: int, loss_cfg: dict, class_weights: Optional[Sequence[float]]) -> nn.Cell:
     cfg = dict(loss_cfg or {})
     try:
         if mode == "binary":

@@ -47,13 +47,22 @@ class Segmenter:
             raise CytoFuseError(f"input tiles are {h}x{w} but this U-Net needs multiples of {self.multiple}")
         return self.network(ms.Tensor(np.ascontiguousarray(batch, np.float32))).asnumpy()
 
+    @property
+    def instance_channels(self) -> int:
+        """Trailing output channels that are the instance head (0 for models without one)."""
+        return int(getattr(self.network, "instance_channels", 0) or 0)
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Sigmoid (binary) or softmax over channels (classes) of :meth:`logits`."""
+        """Sigmoid (binary) or softmax over channels (classes) of :meth:`logits`; the instance-head
+        channels (after them) by sigmoid."""
         logits = self.logits(batch)
+        sem, head = logits[:, : self.out_channels], logits[:, self.out_channels:]
         if self.out_channels == 1:
-            return 1.0 / (1.0 + np.exp(-logits))
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+            sem = 1.0 / (1.0 + np.exp(-sem))
+        else:
+            e = np.exp(sem - sem.max(axis=1, keepdims=True))
+            sem = e / e.sum(axis=1, keepdims=True)
+        return np.concatenate([sem, 1.0 / (1.0 + np.exp(-head))], axis=1) if head.shape[1] else sem
 
 
 def segmenter_from_meta(meta: dict, path: PathLike = "<checkpoint>") -> tuple[Any, dict]:

@@ -22,7 +22,7 @@ from cytocore.imageio import read_image
 from cytocore.preprocess import to_network_input
 from cytocore.records import ImageRecord
 
-from .targets import RefineOptions, make_target, rescale_image, scale_boxes
+from .targets import RefineOptions, make_targets, rescale_image, scale_boxes
 
 
 @dataclass
@@ -35,6 +35,9 @@ class SegSample:
     boxes: np.ndarray  # (N, 4) pixel xyxy at training scale
     labels: np.ndarray  # (N, K) multi-hot
     size: tuple[int, int]  # (height, width) before padding
+    head: Optional[np.ndarray] = None  # (H, W) uint8 instance-head target (0..255 = 0..1), padded like target
+    full_size: Optional[tuple[int, int]] = None  # (height, width) of the original image
+    full_boxes: Optional[np.ndarray] = None  # (N, 4) pixel xyxy in the original image
 
 
 def background_colour(image: np.ndarray) -> np.ndarray:
@@ -51,9 +54,17 @@ def pad_to(image: np.ndarray, target: np.ndarray, height: int, width: int) -> tu
     img = np.empty((H, W, 3), np.uint8)
     img[:] = background_colour(image)
     img[:h, :w] = image
-    tgt = np.zeros((H, W), target.dtype)
-    tgt[:h, :w] = target
-    return img, tgt
+    return img, pad_zeros(target, H, W)
+
+
+def pad_zeros(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A 2-D plane padded with zeros at the bottom/right to at least ``height`` × ``width``."""
+    h, w = plane.shape
+    if h >= height and w >= width:
+        return plane
+    out = np.zeros((max(h, height), max(w, width)), plane.dtype)
+    out[:h, :w] = plane
+    return out
 
 
 def load_samples(
@@ -66,18 +77,23 @@ def load_samples(
     min_size: int = 0,
     progress: bool = False,
     desc: str = "loading",
+    head: Optional[str] = None,
 ) -> list[SegSample]:
-    """Read, rescale and build targets for ``records``; pad each image to at least ``min_size``."""
+    """Read, rescale and build targets (and the instance ``head``'s, if any) for ``records``;
+    pad each image to at least ``min_size``."""
     from tqdm.auto import tqdm
 
     out = []
     for r in tqdm(records, desc=desc, unit="img", disable=not progress, leave=False):
         image = rescale_image(read_image(r.path), scale)
-        target = make_target(r, image, mode, kind, num_classes, refine)
+        target, head_target = make_targets(r, image, mode, kind, num_classes, refine, head)
         h, w = target.shape
         boxes = scale_boxes(r.boxes, (r.width, r.height), (w, h))
         image, target = pad_to(image, target, min_size, min_size)
-        out.append(SegSample(r.image_id, image, target, boxes, r.labels, (h, w)))
+        if head_target is not None:
+            head_target = pad_zeros(head_target, *target.shape)
+        out.append(SegSample(r.image_id, image, target, boxes, r.labels, (h, w), head_target,
+                             (int(r.height), int(r.width)), np.asarray(r.boxes, np.float64).reshape(-1, 4)))
     return out
 
 
@@ -137,10 +153,12 @@ class PatchSampler:
             out.append((i, int(np.clip(y0, 0, H - self.patch)), int(np.clip(x0, 0, W - self.patch))))
         return out
 
-    def crop(self, position: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def crop(self, position: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Image, target and instance-head target (``None`` without a head) of one patch."""
         i, y0, x0 = position
         s, p = self.samples[i], self.patch
-        return s.image[y0:y0 + p, x0:x0 + p], s.target[y0:y0 + p, x0:x0 + p]
+        head = s.head[y0:y0 + p, x0:x0 + p] if s.head is not None else None
+        return s.image[y0:y0 + p, x0:x0 + p], s.target[y0:y0 + p, x0:x0 + p], head
 
 
 # ---------------------------------------------------------------------------------- augmentation
@@ -195,7 +213,9 @@ class PatchBatches:
     """The train loop's ``batches(epoch, rng)``: ``steps`` batches of ``(inputs, targets)``.
 
     Inputs are ``(B, 3, P, P)`` float32 (:func:`cytocore.preprocess.to_network_input`); targets are
-    ``(B, 1, P, P)`` float32 for binary mode or ``(B, P, P)`` int32 class indices.
+    ``(B, 1, P, P)`` float32 for binary mode or ``(B, P, P)`` int32 class indices; with an instance
+    head ``(B, 2, P, P)`` float32: the semantic target (0/1 or the class index) and the head's [0, 1]
+    target (what :class:`segmentation.losses.WithInstanceHead` expects).
     """
 
     def __init__(self, sampler: PatchSampler, batch_size: int, steps: int, mode: str = "binary",
@@ -213,18 +233,27 @@ class PatchBatches:
             yield self.batch(rng)
 
     def batch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        images, targets = [], []
+        images, targets, heads = [], [], []
         for pos in self.sampler.positions(rng, self.batch_size):
-            img, tgt = self.sampler.crop(pos)
+            img, tgt, head = self.sampler.crop(pos)
             if self.augment is not None:
-                out = self.augment(image=img, mask=tgt)
-                img, tgt = out["image"], out["mask"]
+                masks = [tgt] if head is None else [tgt, head]
+                out = self.augment(image=img, masks=masks)
+                img, tgt = out["image"], out["masks"][0]
+                head = None if head is None else out["masks"][1]
             images.append(img)
             targets.append(tgt)
+            heads.append(head)
         x = to_network_input(np.stack(images))
         y = np.stack(targets)
+        semantic = (y > 0).astype(np.float32) if self.mode == "binary" else y.astype(np.float32)
+        if heads[0] is not None:
+            from .instance_targets import TARGET_LEVELS
+
+            head_y = np.stack(heads).astype(np.float32) / TARGET_LEVELS
+            return x, np.stack([semantic, head_y], axis=1)
         if self.mode == "binary":
-            return x, (y[:, None] > 0).astype(np.float32)
+            return x, semantic[:, None]
         return x, y.astype(np.int32)
 
 

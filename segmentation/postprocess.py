@@ -15,6 +15,16 @@ cell centre. Everything is scikit-image/SciPy; this module only chooses the orde
 5. drop split fragments smaller than ``min_area``;
 6. one row per instance: pixel box, area, mean and max probability inside (the seg score).
 
+With an **instance head** (the U-Net's extra channel, :mod:`segmentation.instance_targets`: each
+cell's normalised distance to its own border, 1 at its centre, 0 where cells touch) step 4 uses it
+instead of the mask's distance transform, which cannot see the border between two touching cells:
+markers are the connected *cores* where the head is ``>= marker_threshold`` (``markers: head_core``,
+the default with a head) or its peaks (``head_peaks``: ``peak_local_max`` with ``min_distance`` and
+``threshold_abs = marker_threshold``), grown by a watershed of the negated head map inside the
+foreground. A component with no marker stays one instance. The defaults are a starting point:
+``cytofuse seg train`` chooses ``threshold``, ``marker_threshold``, ``min_distance`` and ``min_area``
+on the validation split by the challenge's FROC and stores them in the checkpoint.
+
 Boxes are ``x0, y0, x1, y1`` in pixels with exclusive ends (pixel edges): a one-pixel object at
 column 5, row 7 has the box ``(5, 7, 6, 8)``, so ``x1 / width`` is the normalised ``xmax``.
 
@@ -45,7 +55,9 @@ DEFAULT_POSTPROCESS: dict = {
     "max_hole_area": 200,  # fill enclosed holes of up to this many pixels; null = fill every hole
     "min_area": 30,  # objects (and split fragments) with fewer pixels are dropped
     "split": "watershed",  # watershed | none
-    "markers": "peak_local_max",  # peak_local_max | h_maxima: how cell centres are found
+    "markers": "auto",  # auto (head_core with an instance head, else peak_local_max) | head_core | head_peaks
+    #                     | peak_local_max | h_maxima (the last two: on the mask's distance transform)
+    "marker_threshold": 0.5,  # instance head: cores / peaks where the head is >= this
     "min_distance": 7,  # peak_local_max: min px between two centres (~ smallest cell radius)
     "footprint": None,  # peak_local_max: side of the square neighbourhood (px); null = from min_distance
     "h": 2.0,  # h_maxima: a centre must rise this many px of distance above its saddle
@@ -56,6 +68,11 @@ DEFAULT_POSTPROCESS: dict = {
     "multiclass": "per_class",  # K+1 maps: per_class components, or foreground components + class means
 }
 
+#: Post-processing values ``cytofuse seg train`` chooses on the validation split by FROC.
+TUNED_KEYS = ("threshold", "marker_threshold", "min_distance", "min_area")
+
+MARKERS = ("auto", "head_core", "head_peaks", "peak_local_max", "h_maxima")
+
 #: Columns of an instance table, in order.
 INSTANCE_COLUMNS = ["x0", "y0", "x1", "y1", "area", "seg_mean", "seg_max", "label_id"]
 
@@ -65,8 +82,8 @@ def postprocess_config(cfg: Optional[dict] = None) -> dict:
     out = merge(DEFAULT_POSTPROCESS, dict(cfg or {}), "postprocess config") if cfg else copy.deepcopy(DEFAULT_POSTPROCESS)
     if out["split"] not in ("watershed", "none"):
         raise ValueError(f"postprocess split must be 'watershed' or 'none', not {out['split']!r}")
-    if out["markers"] not in ("peak_local_max", "h_maxima"):
-        raise ValueError(f"postprocess markers must be 'peak_local_max' or 'h_maxima', not {out['markers']!r}")
+    if out["markers"] not in MARKERS:
+        raise ValueError(f"postprocess markers must be one of {', '.join(MARKERS)}, not {out['markers']!r}")
     if out["multiclass"] not in ("per_class", "foreground"):
         raise ValueError(f"postprocess multiclass must be 'per_class' or 'foreground', not {out['multiclass']!r}")
     return out
@@ -125,19 +142,25 @@ def _fill_holes(mask: np.ndarray, max_hole_area: Optional[int], connectivity: in
 
 # ------------------------------------------------------------------------------------ mask → labels
 
-def _markers(distance: np.ndarray, components: np.ndarray, cfg: dict) -> np.ndarray:
+def _markers(distance: np.ndarray, components: np.ndarray, cfg: dict, kind: str) -> np.ndarray:
     """One labelled marker per presumed cell centre, and at least one per component."""
-    if cfg["markers"] == "h_maxima":
-        peaks = morphology.h_maxima(distance, float(cfg["h"])).astype(bool) & (components > 0)
+    conn8 = ndi.generate_binary_structure(2, 2)
+    if kind == "head_core":
+        markers, n = ndi.label((distance >= float(cfg["marker_threshold"])) & (components > 0), structure=conn8)
     else:
-        side = cfg["footprint"]
-        footprint = np.ones((int(side), int(side)), bool) if side else None
-        coords = feature.peak_local_max(
-            distance, min_distance=int(cfg["min_distance"]), footprint=footprint, labels=components, exclude_border=False
-        )
-        peaks = np.zeros(distance.shape, bool)
-        peaks[tuple(coords.T)] = True
-    markers, n = ndi.label(peaks, structure=ndi.generate_binary_structure(2, 2))
+        if kind == "h_maxima":
+            peaks = morphology.h_maxima(distance, float(cfg["h"])).astype(bool) & (components > 0)
+        else:
+            side = cfg["footprint"]
+            footprint = np.ones((int(side), int(side)), bool) if side else None
+            floor = float(cfg["marker_threshold"]) if kind == "head_peaks" else None
+            coords = feature.peak_local_max(
+                distance, min_distance=max(1, int(cfg["min_distance"])), footprint=footprint, labels=components,
+                exclude_border=False, threshold_abs=floor,
+            )
+            peaks = np.zeros(distance.shape, bool)
+            peaks[tuple(coords.T)] = True
+        markers, n = ndi.label(peaks, structure=conn8)
     present = np.unique(components[markers > 0])
     missing = np.setdiff1d(np.arange(1, components.max() + 1), present)
     if missing.size:
@@ -147,8 +170,22 @@ def _markers(distance: np.ndarray, components: np.ndarray, cfg: dict) -> np.ndar
     return markers
 
 
-def label_mask(mask: np.ndarray, cfg: Optional[dict] = None) -> np.ndarray:
-    """Binary foreground mask → instance label image (0 = background), steps 2–5 of the module doc."""
+def _marker_kind(cfg: dict, has_head: bool) -> str:
+    kind = cfg["markers"]
+    if kind == "auto":
+        return "head_core" if has_head else "peak_local_max"
+    if kind.startswith("head_") and not has_head:
+        raise ValueError(f"postprocess markers {kind!r} need an instance head; this model has none "
+                         "(use peak_local_max or h_maxima)")
+    return kind
+
+
+def label_mask(mask: np.ndarray, cfg: Optional[dict] = None, head: Optional[np.ndarray] = None) -> np.ndarray:
+    """Binary foreground mask → instance label image (0 = background), steps 2–5 of the module doc.
+
+    ``head`` is the instance head's map (same shape, [0, 1]); without it touching cells are split on
+    the mask's own distance transform.
+    """
     cfg = postprocess_config(cfg)
     conn = int(cfg["connectivity"])
     structure = ndi.generate_binary_structure(2, conn)
@@ -158,10 +195,14 @@ def label_mask(mask: np.ndarray, cfg: Optional[dict] = None) -> np.ndarray:
     if n == 0:
         return components.astype(np.int32)
     if cfg["split"] == "watershed":
-        distance = ndi.distance_transform_edt(mask)
-        if cfg["smooth_sigma"]:
-            distance = ndi.gaussian_filter(distance, float(cfg["smooth_sigma"])) * mask
-        markers = _markers(distance, components, cfg)
+        kind = _marker_kind(cfg, head is not None)
+        if kind.startswith("head_"):
+            distance = np.asarray(head, np.float32) * mask
+        else:
+            distance = ndi.distance_transform_edt(mask)
+            if cfg["smooth_sigma"]:
+                distance = ndi.gaussian_filter(distance, float(cfg["smooth_sigma"])) * mask
+        markers = _markers(distance, components, cfg, kind)
         labels = segmentation.watershed(-distance, markers, mask=mask, connectivity=conn)
         labels = _remove_small_labels(labels, int(cfg["min_area"]))
     else:
@@ -209,17 +250,48 @@ def _block_starts(length: int, block: int) -> range:
     return range(0, length, block)
 
 
-def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, slice]], pd.DataFrame]) -> pd.DataFrame:
-    """Run ``process`` on overlapping blocks; keep each object in the block whose core holds its centroid."""
+Block = tuple[pd.DataFrame, np.ndarray]
+
+
+def _write_labels(labels_out: np.ndarray, window: tuple[slice, slice], local: np.ndarray, local_ids: np.ndarray,
+                  new_ids: np.ndarray) -> None:
+    """Paint the kept objects of one block (local ids → provisional global ids); first writer wins."""
+    lut = np.zeros(int(local.max()) + 1 if local.size else 1, np.int64)
+    lut[local_ids] = new_ids
+    painted = lut[local]
+    target = labels_out[window]
+    free = (painted > 0) & (target == 0)
+    target[free] = painted[free]
+    labels_out[window] = target
+
+
+def _renumber(labels_out: np.ndarray, lut: np.ndarray, rows: int = 1024) -> None:
+    """Map provisional ids to final ids in row strips (a memmap plane is never loaded whole)."""
+    for a in range(0, labels_out.shape[0], rows):
+        labels_out[a:a + rows] = lut[np.asarray(labels_out[a:a + rows], np.int64)]
+
+
+def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, slice]], Block],
+               labels_out: Optional[np.ndarray] = None) -> pd.DataFrame:
+    """Run ``process`` on overlapping blocks; keep each object in the block whose core holds its centroid.
+
+    ``process`` returns the block's table and its local label image. With ``labels_out`` (an H×W
+    integer array or memmap, zeros) each kept object is painted into it with its final ``label_id``;
+    memory stays one block plus one strip.
+    """
     h, w = int(shape[0]), int(shape[1])
     block, margin = max(1, int(cfg["block_size"])), max(0, int(cfg["block_margin"]))
+    if labels_out is not None and tuple(labels_out.shape) != (h, w):
+        raise ValueError(f"labels_out has shape {labels_out.shape}, expected {(h, w)}")
     parts: list[pd.DataFrame] = []
     truncated = 0
+    next_id = 1
     for by in _block_starts(h, block):
         for bx in _block_starts(w, block):
             y0, y1 = max(0, by - margin), min(h, by + block + margin)
             x0, x1 = max(0, bx - margin), min(w, bx + block + margin)
-            df = process((slice(y0, y1), slice(x0, x1)))
+            window = (slice(y0, y1), slice(x0, x1))
+            df, local = process(window)
             if df.empty:
                 continue
             for col in ("x0", "x1", "cx"):
@@ -227,9 +299,14 @@ def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, 
             for col in ("y0", "y1", "cy"):
                 df[col] += y0
             keep = (df["cy"] >= by) & (df["cy"] < by + block) & (df["cx"] >= bx) & (df["cx"] < bx + block)
-            df = df[keep]
+            df = df[keep].copy()
             cut = ((df["y0"] == y0) & (y0 > 0)) | ((df["x0"] == x0) & (x0 > 0)) | ((df["y1"] == y1) & (y1 < h)) | ((df["x1"] == x1) & (x1 < w))
             truncated += int(cut.sum())
+            ids = np.arange(next_id, next_id + len(df), dtype=np.int64)
+            next_id += len(df)
+            if labels_out is not None and len(df):
+                _write_labels(labels_out, window, local, df["label_id"].to_numpy(np.int64), ids)
+            df["label_id"] = ids
             parts.append(df)
     if truncated:
         log.warning(
@@ -243,24 +320,45 @@ def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, 
         return _empty_instances()
     out = pd.concat(parts, ignore_index=True)
     out = out.sort_values(["y0", "x0", "y1", "x1"], kind="mergesort").reset_index(drop=True)
-    out["label_id"] = np.arange(1, len(out) + 1, dtype=np.int64)
+    final = np.arange(1, len(out) + 1, dtype=np.int64)
+    if labels_out is not None:
+        lut = np.zeros(next_id, np.int64)
+        lut[out["label_id"].to_numpy(np.int64)] = final
+        _renumber(labels_out, lut)
+    out["label_id"] = final
     return out.drop(columns=["cx", "cy"])
 
 
-def find_instances(probability: np.ndarray, cfg: Optional[dict] = None) -> pd.DataFrame:
+def _head_plane(instance: Optional[np.ndarray], shape: Sequence[int]) -> Optional[np.ndarray]:
+    """The first instance-head plane (``(H, W)`` or ``(C, H, W)``), checked against ``shape``."""
+    if instance is None:
+        return None
+    plane = instance if instance.ndim == 2 else instance[0]
+    if tuple(plane.shape) != tuple(shape):
+        raise ValueError(f"instance head map has shape {tuple(plane.shape)}, expected {tuple(shape)}")
+    return plane
+
+
+def find_instances(probability: np.ndarray, cfg: Optional[dict] = None, instance: Optional[np.ndarray] = None,
+                   labels_out: Optional[np.ndarray] = None) -> pd.DataFrame:
     """A binary probability map (H×W; float, float16 or uint8 0..255; NumPy or memmap) → instance table.
 
-    Returns the columns of :data:`INSTANCE_COLUMNS`, sorted top-to-bottom, ``label_id`` = 1..N.
+    ``instance``: the instance head's map (H×W or C×H×W, same dtypes), which splits touching cells;
+    ``labels_out``: an H×W integer array (or memmap) of zeros to receive the instance label plane.
+    Returns the columns of :data:`INSTANCE_COLUMNS`, sorted top-to-bottom, ``label_id`` = 1..N
+    (the value of the instance's pixels in ``labels_out``).
     """
     cfg = postprocess_config(cfg)
     if probability.ndim != 2:
         raise ValueError(f"expected an H×W probability map, got shape {probability.shape}")
+    head = _head_plane(instance, probability.shape)
 
-    def process(window: tuple[slice, slice]) -> pd.DataFrame:
+    def process(window: tuple[slice, slice]) -> Block:
         prob = as_probability(probability[window])
-        return instances_from_labels(label_mask(prob >= cfg["threshold"], cfg), prob)
+        labels = label_mask(prob >= cfg["threshold"], cfg, None if head is None else as_probability(head[window]))
+        return instances_from_labels(labels, prob), labels
 
-    return _blockwise(probability.shape, cfg, process)
+    return _blockwise(probability.shape, cfg, process, labels_out)
 
 
 def foreground_names(class_names: Optional[Sequence[str]], channels: int) -> list[str]:
@@ -280,7 +378,8 @@ def foreground_names(class_names: Optional[Sequence[str]], channels: int) -> lis
 
 
 def find_class_instances(
-    class_maps: np.ndarray, class_names: Optional[Sequence[str]] = None, cfg: Optional[dict] = None
+    class_maps: np.ndarray, class_names: Optional[Sequence[str]] = None, cfg: Optional[dict] = None,
+    instance: Optional[np.ndarray] = None, labels_out: Optional[np.ndarray] = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode K+1 softmax maps ``(K+1, H, W)`` (channel 0 = background) into instances with classes.
 
@@ -290,7 +389,8 @@ def find_class_instances(
     class; with ``foreground`` the components come from the whole foreground and ``class_name`` is
     the class with the highest mean. Either way the seg score is computed on ``1 − p_background``
     and the class probabilities (second table, one column per class, rows aligned with the first)
-    are the mean softmax of each class inside the instance.
+    are the mean softmax of each class inside the instance. ``instance`` and ``labels_out`` are as
+    in :func:`find_instances` (the baseline has the same instance head as the two-stage U-Net).
     """
     cfg = postprocess_config(cfg)
     if class_maps.ndim != 3 or class_maps.shape[0] < 2:
@@ -298,26 +398,35 @@ def find_class_instances(
     names = foreground_names(class_names, class_maps.shape[0])
     columns = [f"p_{i}" for i in range(len(names))]  # internal names: a class called "area" must not clash
 
-    def process(window: tuple[slice, slice]) -> pd.DataFrame:
+    head = _head_plane(instance, class_maps.shape[1:])
+
+    def process(window: tuple[slice, slice]) -> Block:
         maps = as_probability(class_maps[(slice(None),) + window])
+        hmap = None if head is None else as_probability(head[window])
         fg = 1.0 - maps[0]
         mask = fg >= cfg["threshold"]
         extra = {col: maps[i + 1] for i, col in enumerate(columns)}
         if cfg["multiclass"] == "foreground":
-            df = instances_from_labels(label_mask(mask, cfg), fg, extra)
+            labels = label_mask(mask, cfg, hmap)
+            df = instances_from_labels(labels, fg, extra)
             best = df[columns].to_numpy().argmax(axis=1) if len(df) else np.zeros(0, int)
             df["class_name"] = [names[i] for i in best]
-            return df
+            return df, labels
         winner = maps[1:].argmax(axis=0)
+        combined = np.zeros(mask.shape, np.int32)
         parts = []
         for i, name in enumerate(names):
-            df = instances_from_labels(label_mask(mask & (winner == i), cfg), fg, extra)
+            labels = label_mask(mask & (winner == i), cfg, hmap)
+            df = instances_from_labels(labels, fg, extra)
+            offset = int(combined.max())
+            combined[labels > 0] = labels[labels > 0] + offset
+            df["label_id"] += offset
             df["class_name"] = name
             parts.append(df)
         nonempty = [df for df in parts if not df.empty]
-        return pd.concat(nonempty, ignore_index=True) if nonempty else parts[0]
+        return (pd.concat(nonempty, ignore_index=True) if nonempty else parts[0]), combined
 
-    table = _blockwise(class_maps.shape[1:], cfg, process)
+    table = _blockwise(class_maps.shape[1:], cfg, process, labels_out)
     if "class_name" not in table:
         table["class_name"] = pd.Series(dtype="object")
         for col in columns:

@@ -108,6 +108,7 @@ class ModelInfo:
     class_names: Optional[list[str]] = None
     threshold: Optional[float] = None  # the checkpoint's validated foreground threshold
     meta: Optional[dict] = None
+    instance_channels: int = 0  # trailing output channels that are the instance head (sigmoid)
 
 
 def _mindspore_cell_fn(cell: Any) -> NetworkFn:
@@ -140,6 +141,16 @@ def _multiple_of(network: Any, meta: Optional[dict]) -> Optional[int]:
     return 2 ** (int(depth) - 1) if depth else None
 
 
+def instance_channels_of(network: Any, meta: Optional[dict] = None) -> int:
+    """How many trailing output channels are the instance head: the network's attribute, else the
+    checkpoint's model block (older checkpoints have none: 0)."""
+    n = getattr(network, "instance_channels", None)
+    if isinstance(n, (int, np.integer)):
+        return int(n)
+    model_meta = (meta or {}).get("model") if isinstance(meta, dict) else None
+    return int((model_meta or {}).get("instance_channels") or 0) if isinstance(model_meta, dict) else 0
+
+
 def model_info(model: Any) -> ModelInfo:
     """Accept a Segmenter, a MindSpore Cell, or a NumPy callable (NCHW float32 → NCHW logits)."""
     if hasattr(model, "network") and not callable(getattr(model, "construct", None)):
@@ -154,17 +165,24 @@ def model_info(model: Any) -> ModelInfo:
             class_names=list(names) if names is not None else None,
             threshold=float(threshold) if threshold is not None else None,
             meta=meta if isinstance(meta, dict) else None,
+            instance_channels=instance_channels_of(network, meta if isinstance(meta, dict) else None),
         )
     if _is_mindspore_cell(model):
-        return ModelInfo(fn=_mindspore_cell_fn(model), multiple=_multiple_of(model, None))
+        return ModelInfo(fn=_mindspore_cell_fn(model), multiple=_multiple_of(model, None),
+                         instance_channels=instance_channels_of(model))
     if callable(model):
         return ModelInfo(fn=lambda batch: np.asarray(model(batch), dtype=np.float32))
     raise CytoFuseError(f"cannot predict with a {type(model).__name__}: give a Segmenter, a MindSpore Cell or a callable")
 
 
-def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
+def _activate(logits: np.ndarray, activation: str, instance_channels: int = 0) -> np.ndarray:
+    """Semantic channels by ``activation``; the trailing instance-head channels always by sigmoid."""
     from scipy.special import expit, softmax
 
+    if instance_channels:
+        k = logits.shape[1] - instance_channels
+        head = expit(logits[:, k:]).astype(np.float32)
+        return np.concatenate([_activate(logits[:, :k], activation), head], axis=1)
     if activation == "auto":
         activation = "sigmoid" if logits.shape[1] == 1 else "softmax"
     if activation == "sigmoid":
@@ -174,7 +192,7 @@ def _activate(logits: np.ndarray, activation: str) -> np.ndarray:
     return logits.astype(np.float32, copy=False)
 
 
-def _predict_batch(fn: NetworkFn, batch: np.ndarray, cfg: dict) -> np.ndarray:
+def _predict_batch(fn: NetworkFn, batch: np.ndarray, cfg: dict, instance_channels: int = 0) -> np.ndarray:
     """Probabilities for one batch of tiles, averaged over the flip TTA variants (nnU-Net style)."""
     flips = TTA_FLIPS[cfg["tta"]]
     total: Optional[np.ndarray] = None
@@ -186,7 +204,7 @@ def _predict_batch(fn: NetworkFn, batch: np.ndarray, cfg: dict) -> np.ndarray:
                 f"the network returned shape {tuple(logits.shape)} for tiles of shape {tuple(batch.shape)}: "
                 "it must keep batch, height and width (is predict.tile a multiple of the U-Net's 2**(depth-1)?)"
             )
-        probs = _activate(logits, cfg["activation"])
+        probs = _activate(logits, cfg["activation"], instance_channels)
         if axes:
             probs = np.flip(probs, axes)
         total = probs if total is None else total + probs
@@ -376,11 +394,13 @@ class ProbabilityMaps:
 
     ``saliency`` is the H×W foreground probability (the map saved as ``saliency/<id>.png``: the
     sigmoid output, or 1 − p_background for a K+1-class model); ``class_maps`` is ``(K+1, H, W)``
-    softmax maps for a multi-class model, else None. Planes are float32, float16 or uint8 (0..255).
+    softmax maps for a multi-class model, else None; ``instance_maps`` is ``(C, H, W)``, the
+    instance head's sigmoid maps, else None. Planes are float32, float16 or uint8 (0..255).
     """
 
     saliency: np.ndarray
     class_maps: Optional[np.ndarray] = None
+    instance_maps: Optional[np.ndarray] = None
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -397,21 +417,31 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 class _PlaneWriter:
-    """Blended network-scale rows → the saliency (and class) planes at the image's size.
+    """Blended network-scale rows → the saliency (and class, and instance-head) planes at the image's size.
 
     Multi-class planes are allocated when the first batch shows how many channels there are.
     """
 
     def __init__(self, shape: tuple[int, int], net_shape: tuple[int, int], dtype: np.dtype,
-                 out: Optional[np.ndarray], class_out: Optional[np.ndarray]) -> None:
+                 out: Optional[np.ndarray], class_out: Optional[np.ndarray], instance_channels: int = 0,
+                 instance_out: Optional[np.ndarray] = None) -> None:
         if out is None:
             out = np.empty(shape, dtype)
         elif out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}")
         self.shape, self.dtype, self.out, self.class_out = shape, dtype, out, class_out
+        self.heads = int(instance_channels)
+        self.instance_out = instance_out
+        if self.heads:
+            want = (self.heads, *shape)
+            if self.instance_out is None:
+                self.instance_out = np.empty(want, dtype)
+            elif self.instance_out.shape != want:
+                raise ValueError(f"instance_out has shape {self.instance_out.shape}, expected {want}")
         self.resampler = None if net_shape == shape else _RowResampler(net_shape, shape)
 
     def set_channels(self, channels: int) -> None:
+        channels -= self.heads
         if channels == 1:
             return
         want = (channels, *self.shape)
@@ -422,16 +452,21 @@ class _PlaneWriter:
 
     def write(self, rows: np.ndarray, start: int) -> None:
         """``rows``: ``(C, n, W_net)`` blended probabilities of network rows ``[start, start + n)``."""
-        saliency = rows[:1] if rows.shape[0] == 1 else 1.0 - rows[:1]
-        planes = saliency if rows.shape[0] == 1 else np.concatenate([saliency, rows])
+        semantic = rows[: rows.shape[0] - self.heads]
+        saliency = semantic[:1] if semantic.shape[0] == 1 else 1.0 - semantic[:1]
+        planes = [saliency] + ([semantic] if semantic.shape[0] > 1 else []) + ([rows[semantic.shape[0]:]] if self.heads else [])
+        planes = np.concatenate(planes) if len(planes) > 1 else saliency
         if self.resampler is not None:
             pushed = self.resampler.push(planes, start)
             if pushed is None:
                 return
             start, planes = pushed
         _write_rows(self.out, start, planes[0])
-        if planes.shape[0] > 1:
-            _write_rows(self.class_out, start, planes[1:])
+        k = planes.shape[0] - self.heads
+        if k > 1:
+            _write_rows(self.class_out, start, planes[1:k])
+        if self.heads:
+            _write_rows(self.instance_out, start, planes[k:])
 
 
 def predict_probability(
@@ -440,12 +475,14 @@ def predict_probability(
     cfg: Optional[dict] = None,
     out: Optional[np.ndarray] = None,
     class_out: Optional[np.ndarray] = None,
+    instance_out: Optional[np.ndarray] = None,
 ) -> ProbabilityMaps:
     """Sliding-window probability map(s) of an RGB uint8 image of any size.
 
-    ``out`` (H×W) and ``class_out`` ((K+1)×H×W, multi-class models only) may be caller-supplied
-    arrays or ``np.memmap``s of dtype float32, float16 or uint8; otherwise they are allocated with
-    ``cfg["dtype"]``. Only a strip about one tile-row high is held in float32 meanwhile.
+    ``out`` (H×W), ``class_out`` ((K+1)×H×W, multi-class models only) and ``instance_out``
+    (C×H×W, models with an instance head only) may be caller-supplied arrays or ``np.memmap``s of
+    dtype float32, float16 or uint8; otherwise they are allocated with ``cfg["dtype"]``. Only a
+    strip about one tile-row high is held in float32 meanwhile.
     """
     from tqdm.auto import tqdm
 
@@ -462,7 +499,8 @@ def predict_probability(
     grid = tile_grid(net_shape, tile, float(cfg["overlap"]), int(cfg["context"]))
     weight = gaussian_importance_map(grid.core_shape, float(cfg["sigma_scale"]))
     (ch, cw), (my, mx) = grid.core_shape, grid.context
-    writer = _PlaneWriter(shape, net_shape, _plane_dtype(cfg, shape[0] * shape[1]), out, class_out)
+    writer = _PlaneWriter(shape, net_shape, _plane_dtype(cfg, shape[0] * shape[1]), out, class_out,
+                          info.instance_channels, instance_out)
     blender: Optional[_StripBlender] = None
     done = 0
     bar = tqdm(total=len(grid), desc="tiles", unit="tile", disable=not cfg["progress"], leave=False)
@@ -472,7 +510,7 @@ def predict_probability(
         padded = padded_batch_size(n, batch_size, cfg["pad_batch"])
         if padded > n:
             batch = np.concatenate([batch, np.zeros((padded - n,) + batch.shape[1:], np.float32)])
-        probs = _predict_batch(info.fn, batch, cfg)[:n]
+        probs = _predict_batch(info.fn, batch, cfg, info.instance_channels)[:n]
         if blender is None:
             writer.set_channels(probs.shape[1])
             strip_width = max(net_shape[1], cw)
@@ -488,7 +526,7 @@ def predict_probability(
             start = blender.top
             writer.write(blender.flush(until)[:, :, : net_shape[1]], start)
     bar.close()
-    return ProbabilityMaps(saliency=writer.out, class_maps=writer.class_out)
+    return ProbabilityMaps(saliency=writer.out, class_maps=writer.class_out, instance_maps=writer.instance_out)
 
 
 # ------------------------------------------------------------------------------------ one image, whole stage
@@ -498,16 +536,33 @@ def model_settings(model: Any, predict_cfg: Optional[dict] = None, post_cfg: Opt
 
     Precedence (as ``fusion.pipeline`` uses): module defaults ← the ``predict``/``postprocess``
     sections of the checkpoint's training config ← the checkpoint's validated ``threshold`` (unless
-    that config sets one) ← ``predict_cfg``/``post_cfg``.
+    that config sets one) ← the post-processing values chosen on the validation split by FROC
+    (:func:`tuned_postprocess`) ← ``predict_cfg``/``post_cfg``.
     """
     info = model if isinstance(model, ModelInfo) else model_info(model)
     saved = (info.meta or {}).get("config") or {}
     saved = saved if isinstance(saved, dict) else {}
     post_saved = {"threshold": info.threshold} if info.threshold is not None else {}
     post_saved.update(saved.get("postprocess") or {})
+    post_saved.update(tuned_postprocess(info.meta))
     predict = predict_config({**(saved.get("predict") or {}), **(predict_cfg or {})})
     post = postprocess_config({**post_saved, **(post_cfg or {})})
     return predict, post
+
+
+def tuned_postprocess(meta: Optional[dict]) -> dict:
+    """Post-processing values chosen on the validation split (``tuned_<key>`` in the checkpoint's metrics)."""
+    from .postprocess import TUNED_KEYS
+
+    metrics = (meta or {}).get("metrics") if isinstance(meta, dict) else None
+    if not isinstance(metrics, dict):
+        return {}
+    out = {}
+    for key in TUNED_KEYS:
+        value = metrics.get(f"tuned_{key}")
+        if value is not None and np.isfinite(float(value)):
+            out[key] = int(round(float(value))) if key in ("min_area", "min_distance") else float(value)
+    return out
 
 
 @dataclass
@@ -520,12 +575,17 @@ class SegmentationResult:
     ``class_probs``: multi-class models only — one column per class, rows aligned with
     ``instances``, the mean softmax of each class inside the instance; else None.
     ``class_maps``: the ``(K+1, H, W)`` softmax planes of a multi-class model, else None.
+    ``instance_maps``: the ``(C, H, W)`` instance-head planes, else None.
+    ``labels``: the H×W instance label plane (``label_id`` of each instance's pixels, 0 elsewhere;
+    int32, or the caller's ``labels_out``), or None when not asked for.
     """
 
     probability: np.ndarray
     instances: pd.DataFrame
     class_probs: Optional[pd.DataFrame] = None
     class_maps: Optional[np.ndarray] = None
+    instance_maps: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
 
 
 def segment_image(
@@ -535,21 +595,31 @@ def segment_image(
     post_cfg: Optional[dict] = None,
     out: Optional[np.ndarray] = None,
     class_out: Optional[np.ndarray] = None,
+    instance_out: Optional[np.ndarray] = None,
+    labels_out: Union[None, bool, np.ndarray] = True,
 ) -> SegmentationResult:
-    """Probability map and cell boxes for one RGB uint8 image of any size.
+    """Probability map, cell boxes and instance label plane for one RGB uint8 image of any size.
 
     Tiled prediction (:func:`predict_probability`), then post-processing block by block
-    (:func:`segmentation.postprocess.find_instances`, or ``find_class_instances`` for K+1 maps).
+    (:func:`segmentation.postprocess.find_instances`, or ``find_class_instances`` for K+1 maps),
+    with the instance head's map splitting touching cells when the model has one.
     Options not given come from the checkpoint, then the defaults (:func:`model_settings`).
-    ``out``/``class_out`` may be ``np.memmap`` planes for images that do not fit in memory as float.
+    ``out``/``class_out``/``instance_out`` may be ``np.memmap`` planes for images that do not fit in
+    memory as float. ``labels_out``: ``True`` allocates an int32 label plane, ``False``/``None``
+    skips it, an H×W integer array (or memmap) of zeros receives it.
     """
     info = model if isinstance(model, ModelInfo) else model_info(model)
     predict_cfg, post = model_settings(info, predict_cfg, post_cfg)
-    maps = predict_probability(image, info, predict_cfg, out=out, class_out=class_out)
+    maps = predict_probability(image, info, predict_cfg, out=out, class_out=class_out, instance_out=instance_out)
+    if labels_out is True:
+        labels_out = np.zeros(maps.saliency.shape, np.int32)
+    elif labels_out is False:
+        labels_out = None
     if maps.class_maps is None:
-        return SegmentationResult(maps.saliency, find_instances(maps.saliency, post))
-    instances, class_probs = find_class_instances(maps.class_maps, info.class_names, post)
-    return SegmentationResult(maps.saliency, instances, class_probs, maps.class_maps)
+        table = find_instances(maps.saliency, post, maps.instance_maps, labels_out)
+        return SegmentationResult(maps.saliency, table, instance_maps=maps.instance_maps, labels=labels_out)
+    instances, class_probs = find_class_instances(maps.class_maps, info.class_names, post, maps.instance_maps, labels_out)
+    return SegmentationResult(maps.saliency, instances, class_probs, maps.class_maps, maps.instance_maps, labels_out)
 
 
 # ------------------------------------------------------------------------------------------ a folder

@@ -93,6 +93,25 @@ def scale_boxes(boxes: np.ndarray, from_size: tuple[int, int], to_size: tuple[in
     return np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], np.float32)
 
 
+#: Resolution rule: the small cells (5th percentile of the boxes' shorter side) keep at least this many
+#: pixels across at network scale. Below ~8 px the instance head's core of a cell is 1–2 px and the
+#: seeded watershed loses small cells in chains (synthetic SCLC, 12–16 px boxes: scale 0.5 leaves 6–8 px).
+MIN_CELL_PIXELS = 8.0
+
+
+def recommended_scale(records: Sequence[ImageRecord], min_pixels: float = MIN_CELL_PIXELS, percentile: float = 5.0,
+                      step: float = 0.25) -> Optional[float]:
+    """The smallest scale (a multiple of ``step``, at most 1) at which the ``percentile``-th smallest
+    box side has ``min_pixels`` pixels; ``None`` without boxes."""
+    sides = [np.minimum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1]) for r in records if r.n_boxes]
+    if not sides:
+        return None
+    small = float(np.percentile(np.concatenate(sides), percentile))
+    if small <= 0:
+        return 1.0
+    return float(min(1.0, max(step, np.ceil(min_pixels / small / step) * step)))
+
+
 # ------------------------------------------------------------------------------------ box shapes
 
 
@@ -288,7 +307,11 @@ def records_with_mask_dir(records: Sequence[ImageRecord], mask_dir: Union[str, P
 
 
 def load_mask(record: ImageRecord, size: tuple[int, int]) -> Optional[np.ndarray]:
-    """The record's mask resized to ``size = (width, height)``, or ``None`` when it has none."""
+    """The record's mask resized to ``size = (width, height)``, or ``None`` when it has none.
+
+    Values are kept (nearest-neighbour resizing), so an instance label mask stays one; callers that
+    want the foreground test ``> 0``.
+    """
     if record.mask_path is None:
         return None
     mask = read_mask(record.mask_path)
@@ -297,18 +320,39 @@ def load_mask(record: ImageRecord, size: tuple[int, int]) -> Optional[np.ndarray
             f"{record.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but image {record.image_id!r} "
             f"is {record.width}x{record.height}"
         )
-    return rescale_mask((mask > 0).astype(np.uint8), size)
+    return rescale_mask(mask, size)
 
 
-def make_target(record: ImageRecord, image: np.ndarray, mode: str = "binary", kind: str = "auto",
-                num_classes: int = 0, options: RefineOptions = RefineOptions()) -> np.ndarray:
-    """The target of one record for an ``image`` already rescaled to the training scale."""
+def make_targets(record: ImageRecord, image: np.ndarray, mode: str = "binary", kind: str = "auto",
+                 num_classes: int = 0, options: RefineOptions = RefineOptions(),
+                 head: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Semantic target and (with ``head``) the instance head's uint8 target of one record, for an
+    ``image`` already rescaled to the training scale.
+
+    The instance labels behind the head come from the mask when the target kind uses it (an
+    instance mask as it is, a union mask split between its boxes), else from the semantic target's
+    regions split between the boxes (:func:`segmentation.instance_targets.instance_labels`).
+    """
+    from .instance_targets import head_target, instance_labels, quantise
+
     h, w = image.shape[:2]
     boxes = scale_boxes(record.boxes, (record.width, record.height), (w, h))
     mask = load_mask(record, (w, h)) if kind in ("auto", "mask") else None
     where = str(record.path)
     if mode == "binary":
-        return binary_target(image, boxes, mask, kind, options, where)
-    if mode == "classes":
-        return class_target(image, boxes, record.labels, num_classes, mask, kind, options, where)
-    raise DataError(f"targets.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        semantic = binary_target(image, boxes, mask, kind, options, where)
+    elif mode == "classes":
+        semantic = class_target(image, boxes, record.labels, num_classes, mask, kind, options, where)
+    else:
+        raise DataError(f"targets.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if head is None:
+        return semantic, None
+    uses_mask = _resolve_kind(kind, mask is not None, where) == "mask"
+    labels = instance_labels((h, w), boxes, region=semantic > 0, mask=mask if uses_mask else None)
+    return semantic, quantise(head_target(labels, head))
+
+
+def make_target(record: ImageRecord, image: np.ndarray, mode: str = "binary", kind: str = "auto",
+                num_classes: int = 0, options: RefineOptions = RefineOptions()) -> np.ndarray:
+    """The semantic target of one record for an ``image`` already rescaled to the training scale."""
+    return make_targets(record, image, mode, kind, num_classes, options)[0]

@@ -21,6 +21,12 @@ from cytocore.records import Dataset
 
 log = logging.getLogger("cytofuse")
 
+
+def instance_head_kind(cfg: dict) -> Optional[str]:
+    """The configured instance head (``targets.instance_head``), ``None`` for none."""
+    kind = (cfg.get("targets") or {}).get("instance_head")
+    return None if kind in (None, "none", False) else str(kind)
+
 PathLike = Union[str, Path]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -67,12 +73,16 @@ def split_records(ds: Dataset, cfg: dict) -> tuple[list, list]:
 class Validator:
     """``TrainTask.validate``: predicts whole validation images tile by tile and scores them.
 
+    Dice, IoU and Rand error of the semantic map are reported; with a :class:`FrocTuner`
+    (``validation.froc``) also ``val_froc``, the class-agnostic challenge FROC of the post-processed
+    boxes, and the post-processing values chosen for it (:mod:`segmentation.selection`).
     Every call uses the same tiles and the same input shape, so it compiles once and its numbers are
     comparable from epoch to epoch.
     """
 
     def __init__(self, samples: Sequence, tile: int, batch_size: int, mode: str, num_classes: int,
-                 class_names: Sequence[str], threshold: float = 0.5, with_rand: bool = True) -> None:
+                 class_names: Sequence[str], threshold: float = 0.5, with_rand: bool = True,
+                 instance_channels: int = 0, tuner: Any = None) -> None:
         from .patches import tile_samples
 
         self.samples = list(samples)
@@ -83,11 +93,16 @@ class Validator:
         self.class_names = list(class_names)
         self.threshold = float(threshold)
         self.with_rand = with_rand
+        self.instance_channels = int(instance_channels)
+        self.tuner = tuner
         self.grids, self.inputs = tile_samples(self.samples, self.tile)
 
     def predict_tiles(self, network: Any) -> np.ndarray:
-        """Per-tile maps: probability (binary) or class index (classes), ``(T, tile, tile)``."""
+        """Per-tile probabilities ``(T, C, tile, tile)``: sigmoid (binary) or softmax (classes) of the
+        semantic channels, then the instance head's sigmoid."""
         import mindspore as ms
+
+        from .predict import _activate
 
         out = []
         n, b = len(self.inputs), self.batch_size
@@ -97,31 +112,56 @@ class Validator:
             if real < b:  # keep one input shape: one compiled graph
                 chunk = np.concatenate([chunk, np.zeros((b - real, *chunk.shape[1:]), np.float32)])
             logits = network(ms.Tensor(chunk)).asnumpy()[:real]
-            if self.mode == "binary":
-                out.append(1.0 / (1.0 + np.exp(-logits[:, 0])))
-            else:
-                out.append(np.argmax(logits, axis=1).astype(np.uint8))
-        return np.concatenate(out) if out else np.zeros((0, self.tile, self.tile), np.float32)
+            out.append(_activate(logits, "auto", self.instance_channels))
+        return np.concatenate(out) if out else np.zeros((0, 1, self.tile, self.tile), np.float32)
+
+    def image_maps(self, maps: np.ndarray) -> list[np.ndarray]:
+        """The tiles stitched back into one ``(C, h, w)`` map per validation image."""
+        out, k = [], 0
+        for grid in self.grids:
+            canvas = np.zeros((maps.shape[1], *grid.padded), maps.dtype)
+            for y, x in grid.origins:
+                canvas[:, y:y + self.tile, x:x + self.tile] = maps[k]
+                k += 1
+            h, w = self.samples[grid.sample].size
+            out.append(canvas[:, :h, :w])
+        return out
+
+    def full_size(self, sample: Any, semantic: np.ndarray, head: Optional[np.ndarray]) -> Any:
+        """One image's maps resized to its original size (as prediction does) with its boxes there."""
+        from .ceiling import resize_plane
+        from .selection import ValImage
+
+        h, w = sample.full_size or sample.size
+        boxes = sample.full_boxes if sample.full_boxes is not None else sample.boxes
+        if self.mode == "binary":
+            fg = resize_plane(semantic[0], (w, h))
+        else:
+            fg = np.stack([resize_plane(c, (w, h)) for c in semantic])
+        return ValImage(fg, None if head is None else resize_plane(head, (w, h)), np.asarray(boxes, np.float64))
 
     def __call__(self, network: Any) -> dict[str, float]:
         from .metrics import SegScores
 
-        maps = self.predict_tiles(network)
+        per_image = self.image_maps(self.predict_tiles(network))
         scores = SegScores(num_classes=0 if self.mode == "binary" else self.num_classes,
                            class_names=self.class_names, with_rand=self.with_rand)
-        k = 0
-        for grid in self.grids:
-            s = self.samples[grid.sample]
-            canvas = np.zeros(grid.padded, maps.dtype)
-            for y, x in grid.origins:
-                canvas[y:y + self.tile, x:x + self.tile] = maps[k]
-                k += 1
+        full = []
+        for s, m in zip(self.samples, per_image):
+            semantic = m[: m.shape[0] - self.instance_channels]
+            head = m[semantic.shape[0]] if self.instance_channels else None
             h, w = s.size
-            pred = canvas[:h, :w]
             if self.mode == "binary":
-                pred = pred > self.threshold
+                pred = semantic[0] > self.threshold
+            else:
+                pred = np.argmax(semantic, axis=0).astype(np.uint8)
             scores.add(pred, s.target[:h, :w])
-        return scores.summary("val_")
+            if self.tuner is not None:
+                full.append(self.full_size(s, semantic, head))
+        out = scores.summary("val_")
+        if self.tuner is not None:
+            out.update(self.tuner.metrics(full))
+        return out
 
 
 # ----------------------------------------------------------------------------------------- task
@@ -154,6 +194,12 @@ def resolve_model(cfg: dict, mode: str, num_classes: int) -> dict:
         raise CytoFuseError(f"model.out_channels={given} does not fit targets.mode={mode!r} with {num_classes} "
                             f"classes (needs {want}); leave it null")
     model["out_channels"] = want
+    heads = 1 if instance_head_kind(cfg) else 0
+    given = cfg["model"].get("instance_channels")
+    if given is not None and int(given) != heads:
+        raise CytoFuseError(f"model.instance_channels={given} does not fit targets.instance_head="
+                            f"{cfg['targets'].get('instance_head')!r} (needs {heads}); leave it null")
+    model["instance_channels"] = heads
     return model
 
 
@@ -164,6 +210,8 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
     """
     from cytocore.trainloop import LoopConfig
 
+    from .instance_targets import HEAD_KINDS
+    from .postprocess import postprocess_config
     from .targets import MODES, TARGET_KINDS, RefineOptions
     from .unet import resolve_model_config
 
@@ -175,6 +223,13 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
                             "then train with --set targets.kind=mask --set targets.mask_dir=MASKDIR")
     if t["kind"] not in TARGET_KINDS:
         raise CytoFuseError(f"targets.kind must be one of {', '.join(TARGET_KINDS)}, got {t['kind']!r}")
+    head = instance_head_kind(cfg)
+    if head is not None and head not in HEAD_KINDS:
+        raise CytoFuseError(f"targets.instance_head must be one of {', '.join(HEAD_KINDS)} or none, got {head!r}")
+    try:
+        postprocess_config(cfg.get("postprocess") or {})
+    except ValueError as exc:
+        raise CytoFuseError(f"postprocess: {exc}") from None
     if t.get("mask_dir") and t["kind"] not in ("mask", "auto"):
         raise CytoFuseError(f"targets.mask_dir is read only by targets.kind mask or auto, not {t['kind']!r}")
     try:
@@ -194,6 +249,8 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
     weights = cfg["loss"].get("class_weights")
     if weights is not None and weights != "auto" and not isinstance(weights, (list, tuple)):
         raise CytoFuseError(f"loss.class_weights must be null, auto or a list, got {weights!r}")
+    if loop.monitor in ("val_froc",) and not v.get("froc", True):
+        raise CytoFuseError("train.monitor is val_froc but validation.froc is false: enable it or monitor val_dice")
     return loop, model
 
 
@@ -225,7 +282,8 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
         train_recs = records_with_mask_dir(train_recs, t["mask_dir"])
         val_recs = records_with_mask_dir(val_recs, t["mask_dir"])
     refine = RefineOptions(**t["refine"])
-    common = dict(scale=scale, mode=mode, kind=kind, num_classes=num_classes, refine=refine, progress=progress)
+    head = instance_head_kind(cfg)
+    common = dict(scale=scale, mode=mode, kind=kind, num_classes=num_classes, refine=refine, progress=progress, head=head)
     train_samples = load_samples(train_recs, min_size=int(p["size"]), desc="train images", **common)
     val_samples = load_samples(val_recs, desc="val images", **common)
 
@@ -240,15 +298,21 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
             counts += np.bincount(s.target[:h, :w].ravel(), minlength=num_classes + 1)[: num_classes + 1]
         weights = class_weights_from_counts(counts)
         log.info("class weights (background first): %s", ", ".join(f"{x:.2f}" for x in weights))
-    loss = make_loss(mode, model_cfg["out_channels"], cfg["loss"], weights if mode == "classes" else None)
+    loss = make_loss(mode, model_cfg["out_channels"], cfg["loss"], weights if mode == "classes" else None,
+                     model_cfg["instance_channels"])
 
     sampler = PatchSampler(train_samples, int(p["size"]), float(p["cell_fraction"]), float(p["jitter"]),
                            bool(p["class_balance"]))
     # patches.batch_size is the global batch: under msrun each worker draws its share of it
     batch = distributed.per_worker_batch(int(p["batch_size"]), "patches.batch_size")
     batches = PatchBatches(sampler, batch, loop.steps_per_epoch, mode, build_augment(cfg["augment"]))
+    tuner = None
+    if v.get("froc", True):
+        from .selection import FrocTuner
+
+        tuner = FrocTuner(cfg.get("postprocess"), v.get("tune"), head is not None, multiclass=mode == "classes")
     validator = Validator(val_samples, int(v["tile"]), int(v["batch_size"]), mode, num_classes, ds.class_names,
-                          float(v["threshold"]), bool(v["rand_error"]))
+                          float(v["threshold"]), bool(v["rand_error"]), model_cfg["instance_channels"], tuner)
     meta = {
         "stage": "segmentation",
         "model": model_cfg,
@@ -258,6 +322,7 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
         "mpp": training_mpp(cfg["data"].get("mpp"), ds.root),  # µm/px of the training images (None: unknown)
         "input_multiple": multiple,
         "threshold": float(v["threshold"]),
+        "instance_head": head,
         "config": cfg,
     }
     task = TrainTask(network=network, loss_fn=loss, batches=batches, validate=validator, meta=meta)

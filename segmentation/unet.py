@@ -5,6 +5,12 @@ foreground logit (its sigmoid is the saliency map the challenge scores), ``out_c
 the single-stage baseline's per-class logits (0 = background). Size is configurable because the
 2-core CPU this runs on makes width and depth the main speed knobs.
 
+``instance_channels`` adds that many 1×1 output channels *after* the ``out_channels`` ones: the
+instance head (:mod:`segmentation.instance_targets`), a per-cell normalised distance that tells
+touching cells apart. They share the decoder's last features and cost one 1×1 filter each, so
+channel 0 stays the foreground logit (the saved explanation map) and the model block stored in the
+checkpoint (``instance_channels``) tells prediction how to split the output.
+
 Input height and width must be multiples of ``2 ** (depth - 1)`` (each of the ``depth - 1`` max-pools
 halves them and the decoder must land back on the skip connection's exact size).
 :meth:`UNet.check_input_size` raises a clear error otherwise; tiled prediction pads tiles to a
@@ -92,7 +98,7 @@ class Up(nn.Cell):
 
 
 class UNet(nn.Cell):
-    """Encoder-decoder with skip connections; returns logits ``(N, out_channels, H, W)``.
+    """Encoder-decoder with skip connections; returns logits ``(N, out_channels + instance_channels, H, W)``.
 
     ``depth`` counts resolution levels (``depth - 1`` down-samplings); level ``i`` has
     ``base_width * 2**i`` channels.
@@ -107,6 +113,7 @@ class UNet(nn.Cell):
         norm: str = "batch",
         upsample: str = "transpose",
         groups: int = 8,
+        instance_channels: int = 0,
     ) -> None:
         super().__init__()
         if depth < 2:
@@ -117,8 +124,11 @@ class UNet(nn.Cell):
             raise ValueError(f"upsample must be one of {', '.join(UPSAMPLES)}, got {upsample!r}")
         if out_channels < 1 or base_width < 1 or in_channels < 1:
             raise ValueError("in_channels, out_channels and base_width must be positive")
+        if instance_channels < 0:
+            raise ValueError(f"instance_channels must be >= 0, got {instance_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.instance_channels = instance_channels
         self.depth = depth
         self.multiple = 2 ** (depth - 1)
         widths = [base_width * 2**i for i in range(depth)]
@@ -127,7 +137,7 @@ class UNet(nn.Cell):
         self.ups = nn.CellList(
             [Up(widths[i + 1], widths[i], widths[i], norm, groups, upsample) for i in reversed(range(depth - 1))]
         )
-        self.head = nn.Conv2d(widths[0], out_channels, 1, has_bias=True)
+        self.head = nn.Conv2d(widths[0], out_channels + instance_channels, 1, has_bias=True)
         self.n_levels = depth - 1
 
     def input_multiple(self) -> int:

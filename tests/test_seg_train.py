@@ -196,7 +196,8 @@ def test_checkpoint_loads_as_a_segmenter(tmp_path):
     setup.task.network.set_train(False)
     np.testing.assert_allclose(seg.logits(x), setup.task.network(ms.Tensor(x)).asnumpy(), rtol=1e-5, atol=1e-5)
     p = seg.probabilities(x)
-    assert p.shape == (2, 1, 16, 16) and (p >= 0).all() and (p <= 1).all()
+    assert p.shape == (2, 2, 16, 16) and (p >= 0).all() and (p <= 1).all()  # foreground + instance head
+    assert seg.instance_channels == 1 and seg.meta["model"]["instance_channels"] == 1
 
 
 def test_wrong_checkpoints_give_one_line_errors(tmp_path):

@@ -1,0 +1,110 @@
+"""Choose the checkpoint and the post-processing values by the metric the challenge scores.
+
+Validation Dice moves *against* the challenge's metric on touching cells (a mask cut higher has
+lower Dice and better-separated cells), so ``cytofuse seg train`` monitors ``val_froc``: the
+class-agnostic FROC (IoP > 0.5 with the ignore rule, :mod:`cytocore.froc`) of the boxes the real
+post-processing makes from the validation images' maps, all ground-truth boxes against all found
+boxes ranked by their seg score (``seg_mean``). The maps are resized to each image's full size
+first, exactly as prediction does, so pixel values (``min_area``, ``min_distance``) mean the same
+at training and at inference.
+
+Each epoch the post-processing values are searched one at a time (coordinate search over the
+``validation.tune`` lists, starting from the previous epoch's best, ties keeping the current value):
+``threshold``, ``marker_threshold`` (with an instance head), ``min_area`` (factors of the configured
+value) and ``min_distance``. The best values are reported as ``tuned_<key>`` metrics, so the
+checkpoint saved for an epoch carries the values chosen with its own weights, and prediction uses
+them (:func:`segmentation.predict.tuned_postprocess`). Only the validation split is ever used.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .postprocess import TUNED_KEYS, find_class_instances, find_instances, postprocess_config
+
+
+@dataclass
+class ValImage:
+    """One validation image's maps at full size and its ground-truth boxes (pixel xyxy)."""
+
+    foreground: np.ndarray  # (H, W) float32, or the (K+1, H, W) softmax maps of a K+1-class model
+    head: Optional[np.ndarray]  # (H, W) float32 instance head, or None
+    boxes: np.ndarray
+
+
+def tune_grid(tune: Optional[dict], post: dict, has_head: bool) -> dict[str, list]:
+    """The values tried per key (the configured value always among them), from ``validation.tune``."""
+    tune = dict(tune or {})
+    grid: dict[str, list] = {}
+    grid["threshold"] = [float(v) for v in tune.get("threshold") or []]
+    grid["marker_threshold"] = [float(v) for v in tune.get("marker_threshold") or []] if has_head else []
+    base_area = int(post["min_area"])
+    grid["min_area"] = sorted({max(1, int(round(f * base_area))) for f in tune.get("min_area_factor") or []})
+    grid["min_distance"] = [int(v) for v in tune.get("min_distance") or []]
+    for key in TUNED_KEYS:
+        if grid[key] and post[key] not in grid[key]:
+            grid[key] = sorted(grid[key] + [post[key]])
+    return grid
+
+
+class FrocTuner:
+    """Scores post-processing values on the validation images and keeps the best ones between epochs."""
+
+    def __init__(self, post_cfg: Optional[dict], tune: Optional[dict], has_head: bool, multiclass: bool = False) -> None:
+        self.base = postprocess_config(post_cfg or {})
+        self.grid = tune_grid(tune, self.base, has_head)
+        self.current = {k: self.base[k] for k in TUNED_KEYS}
+        self.multiclass = multiclass
+
+    def boxes(self, image: ValImage, values: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes and seg scores the post-processing makes from one image with ``values``."""
+        cfg = {**self.base, **values}
+        if self.multiclass:
+            table, _ = find_class_instances(image.foreground, None, cfg, image.head)
+        else:
+            table = find_instances(image.foreground, cfg, image.head)
+        return table[["x0", "y0", "x1", "y1"]].to_numpy(np.float64).reshape(-1, 4), table["seg_mean"].to_numpy(np.float64)
+
+    def froc(self, images: Sequence[ValImage], values: dict) -> float:
+        """Class-agnostic FROC over ``images`` (NaN when they hold no ground-truth box)."""
+        from cytocore.froc import class_froc
+
+        gt_image = np.concatenate([np.full(len(im.boxes), i) for i, im in enumerate(images)] + [np.zeros(0, int)])
+        gt_boxes = np.concatenate([im.boxes.reshape(-1, 4) for im in images] + [np.zeros((0, 4))])
+        if not len(gt_boxes):
+            return float("nan")
+        found = [self.boxes(im, values) for im in images]
+        pred_image = np.concatenate([np.full(len(b), i) for i, (b, _) in enumerate(found)] + [np.zeros(0, int)])
+        pred_boxes = np.concatenate([b for b, _ in found] + [np.zeros((0, 4))])
+        scores = np.concatenate([s for _, s in found] + [np.zeros(0)])
+        return class_froc(pred_image, pred_boxes, scores, gt_image, gt_boxes, len(images)).froc
+
+    def search(self, images: Sequence[ValImage]) -> tuple[float, dict]:
+        """Coordinate search from the current values; returns the best FROC and values (kept for next time)."""
+        cache: dict[tuple, float] = {}
+
+        def score(values: dict) -> float:
+            key = tuple(values[k] for k in TUNED_KEYS)
+            if key not in cache:
+                cache[key] = self.froc(images, values)
+            return cache[key]
+
+        best_values = dict(self.current)
+        best = score(best_values)
+        for key in TUNED_KEYS:
+            for v in self.grid[key]:
+                trial = {**best_values, key: v}
+                s = score(trial)
+                if np.isfinite(s) and (not np.isfinite(best) or s > best):
+                    best, best_values = s, trial
+        self.current = best_values
+        return best, best_values
+
+    def metrics(self, images: Sequence[ValImage]) -> dict[str, float]:
+        """``val_froc`` and the chosen ``tuned_<key>`` values, for the train loop's log and checkpoint."""
+        best, values = self.search(images)
+        out = {"val_froc": float(best)}
+        out.update({f"tuned_{k}": float(v) for k, v in values.items()})
+        return out

@@ -1,0 +1,68 @@
+"""Checkpoint and post-processing values chosen by the challenge's FROC on the validation split (issue 11)."""
+from __future__ import annotations
+
+import numpy as np
+from skimage import draw
+
+from segmentation.selection import FrocTuner, ValImage, tune_grid
+
+
+def _bridged_pair():
+    """Two cells joined by a bridge of probability 0.45: merged at threshold 0.35, apart at 0.5."""
+    prob = np.zeros((40, 60), np.float32)
+    for cx in (15, 40):
+        rr, cc = draw.disk((20, cx), 8, shape=prob.shape)
+        prob[rr, cc] = 0.9
+    prob[18:23, 22:34] = 0.45
+    boxes = np.array([[7, 12, 24, 29], [32, 12, 49, 29]], np.float64)
+    return ValImage(prob, None, boxes)
+
+
+def test_tuner_picks_the_threshold_that_separates_cells_and_keeps_it():
+    image = _bridged_pair()
+    tuner = FrocTuner({"threshold": 0.35, "min_area": 5, "split": "none"}, {"threshold": [0.35, 0.5]}, has_head=False)
+    assert tuner.froc([image], {**tuner.current}) < 0.6  # one box over both cells matches neither
+    metrics = tuner.metrics([image])
+    assert metrics["val_froc"] == 1.0 and metrics["tuned_threshold"] == 0.5 and metrics["tuned_min_area"] == 5
+    assert tuner.current["threshold"] == 0.5  # the next epoch starts from there
+
+
+def test_tune_grid_includes_the_configured_values():
+    post = {"threshold": 0.5, "marker_threshold": 0.4, "min_area": 30, "min_distance": 7}
+    grid = tune_grid({"threshold": [0.3, 0.6], "marker_threshold": [0.5], "min_area_factor": [0.5, 2]}, post, True)
+    assert grid["threshold"] == [0.3, 0.5, 0.6] and grid["marker_threshold"] == [0.4, 0.5]
+    assert grid["min_area"] == [15, 30, 60] and grid["min_distance"] == []
+    assert tune_grid({"marker_threshold": [0.5]}, post, has_head=False)["marker_threshold"] == []
+
+
+def test_best_checkpoint_follows_validation_froc_and_carries_its_tuned_values(tmp_path):
+    from cytocore import runtime
+    from cytocore.trainloop import train
+    from segmentation.model_io import load_segmenter
+    from segmentation.predict import model_settings
+    from segmentation.train import build_task, load_seg_config
+    from tests.test_seg_train import TINY, _write_dataset
+
+    ds = _write_dataset(tmp_path / "data")
+    cfg = load_seg_config(overrides=TINY + ["train.epochs=3", "postprocess.min_area=4"])
+    assert cfg["train"]["monitor"] == "val_froc"
+    setup = build_task(cfg, ds, progress=False)
+    real = setup.task.validate
+    calls: list = []
+
+    def validate(network):  # the real metrics, with val_froc scripted so the best epoch is known
+        out = real(network)
+        assert 0.0 <= out["val_froc"] <= 1.0 and "tuned_threshold" in out and "val_dice" in out
+        calls.append(out)
+        return {**out, "val_froc": [0.2, 0.9, 0.5][len(calls) - 1], "tuned_threshold": 0.3 + 0.1 * len(calls)}
+
+    setup.task.validate = validate
+    result = train(setup.task, setup.loop, tmp_path / "run")
+    assert [round(r["val_froc"], 3) for r in result.history] == [0.2, 0.9, 0.5]
+    params, meta = runtime.load_checkpoint(result.best_checkpoint)
+    assert meta["epoch"] == 2 and meta["metrics"]["val_froc"] == 0.9
+    seg = load_segmenter(result.best_checkpoint)
+    _, post = model_settings(seg)
+    assert abs(post["threshold"] - 0.5) < 1e-9  # the value tuned at epoch 2, not the config's or the last epoch's
+    _, post = model_settings(seg, post_cfg={"threshold": 0.42})
+    assert post["threshold"] == 0.42  # an explicit option still wins
