@@ -117,7 +117,7 @@ def test_perfect_classes_and_resize_plane():
 
 
 def test_ceiling_of_perfect_targets_on_generated_images(tmp_path):
-    from cytocore.synth import generate
+    from cytosynth.scene import generate
     from segmentation.ceiling import run_ceiling
     from segmentation.train import load_seg_config
 
@@ -133,7 +133,7 @@ def test_ceiling_of_perfect_targets_on_generated_images(tmp_path):
 def test_seg_ceiling_cli_writes_json(tmp_path, capsys):
     import json
 
-    from cytocore.synth import generate
+    from cytosynth.scene import generate
     from experiments.cli import run
 
     data = generate(tmp_path / "synth", n_images=3, seed=1, size=256)
