@@ -168,6 +168,30 @@ def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, cfg: JitterConfig)
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1).astype(np.float32)
 
 
+def zoom_boxes(boxes: np.ndarray, zoom: float, rng: np.random.Generator) -> np.ndarray:
+    """Random sub-windows covering ``zoom`` of each box's width and height, placed inside the box.
+
+    For whole-tile data sets (a tile's label holds anywhere in it): training on zoomed windows at a
+    small crop size sees the tissue at a finer scale for the same compute, and prediction then
+    shows the whole tile at ``crop size / zoom`` pixels, i.e. at the same scale (see ``tile_crop``).
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if zoom >= 1.0:
+        return b.astype(np.float32)
+    w, h = (b[:, 2] - b[:, 0]) * zoom, (b[:, 3] - b[:, 1]) * zoom
+    x0 = b[:, 0] + rng.uniform(0, 1, len(b)) * (b[:, 2] - b[:, 0] - w)
+    y0 = b[:, 1] + rng.uniform(0, 1, len(b)) * (b[:, 3] - b[:, 1] - h)
+    return np.stack([x0, y0, x0 + w, y0 + h], axis=1).astype(np.float32)
+
+
+def tile_crop(crop: CropConfig, zoom: float) -> CropConfig:
+    """The crop geometry of a whole tile at prediction when training used windows of ``zoom``: the
+    same pixel scale, so ``size / zoom`` pixels (the network pools globally, so any size fits)."""
+    if zoom >= 1.0:
+        return crop
+    return CropConfig(**{**crop.to_dict(), "size": int(round(crop.size / zoom))})
+
+
 # --------------------------------------------------------------------------------------- negatives
 
 
@@ -260,6 +284,6 @@ def box_sides(boxes: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "CropConfig", "JitterConfig", "NegativeConfig", "background_colour", "square_windows", "cut_window",
-    "resize_square", "extract_crops", "whole_image_box", "jitter_boxes", "overlap_fractions", "object_points",
+    "resize_square", "extract_crops", "whole_image_box", "jitter_boxes", "zoom_boxes", "tile_crop", "overlap_fractions", "object_points",
     "sample_negative_boxes", "box_sides",
 ]

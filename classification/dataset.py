@@ -34,6 +34,7 @@ from .crops import (
     jitter_boxes,
     object_points,
     sample_negative_boxes,
+    zoom_boxes,
 )
 from .proposals import ProposalPool
 
@@ -57,8 +58,12 @@ class SamplingConfig:
     batch_size: int = 32
     mode: str = "balanced"  # balanced: each class equally often | sqrt: ∝ sqrt(boxes) | uniform: ∝ boxes
     jitter: JitterConfig = field(default_factory=JitterConfig)
+    tile_zoom: float = 1.0  # whole-tile sets: train on random windows of this fraction of the tile's side
 
     def __post_init__(self) -> None:
+        if not 0.1 <= float(self.tile_zoom) <= 1.0:
+            raise CytoFuseError(f"sampling.tile_zoom must be in [0.1, 1], not {self.tile_zoom}")
+        self.tile_zoom = float(self.tile_zoom)
         if isinstance(self.jitter, dict):
             self.jitter = _from_dict(JitterConfig, self.jitter, "sampling.jitter")
         if self.mode not in SAMPLING_MODES:
@@ -262,7 +267,10 @@ class CropSampler:
         (class-balanced positives, then merged/fragment/unmatched negatives)."""
         neg_items = self._negative_items(rng, self.n_negative)
         pick = rng.choice(len(self.pool_index), self.n_ground_truth - len(neg_items), p=self.weights)
-        boxes = jitter_boxes(self.pool_boxes[pick], rng, self.sampling.jitter)
+        boxes = self.pool_boxes[pick]
+        if self.whole_image and self.sampling.tile_zoom < 1.0:
+            boxes = zoom_boxes(boxes, self.sampling.tile_zoom, rng)
+        boxes = jitter_boxes(boxes, rng, self.sampling.jitter)
         items = [(int(i), box) for i, box in zip(self.pool_index[pick], boxes)] + neg_items
         labels = [self.pool_labels[pick], np.zeros((len(neg_items), self.dataset.num_classes), np.float32)]
         if self.proposals is not None:

@@ -18,7 +18,7 @@ from cytocore import runtime
 from cytocore.errors import CheckpointError, CytoFuseError
 from cytocore.preprocess import to_network_input
 
-from .crops import CropConfig
+from .crops import CropConfig, tile_crop
 from .model import ModelConfig, build_network, probabilities
 
 log = logging.getLogger("cytofuse")
@@ -77,6 +77,12 @@ class Classifier:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def tile_crop(self) -> CropConfig:
+        """Crop geometry of a whole tile (folder-per-class data): larger when training zoomed in."""
+        zoom = float(((self.meta.get("config") or {}).get("sampling") or {}).get("tile_zoom", 1.0))
+        return tile_crop(self.crop, zoom)
 
     def logits(self, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """``(N, K)`` float32 logits of uint8 crops ``(N, S, S, 3)`` at the checkpoint's crop size.

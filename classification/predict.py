@@ -36,7 +36,8 @@ def classify_boxes(image: np.ndarray, boxes_xyxy: np.ndarray, classifier: Any, b
 def whole_image_crop(image: np.ndarray, classifier: Any) -> np.ndarray:
     """A crop file (or a folder-per-class tile) as the network's input: square-padded, resized, no margin."""
     h, w = image.shape[:2]
-    return extract_crops(image, np.array([[0, 0, w, h]], np.float32), classifier.crop, margin=0.0)[0]
+    crop = getattr(classifier, "tile_crop", classifier.crop)
+    return extract_crops(image, np.array([[0, 0, w, h]], np.float32), crop, margin=0.0)[0]
 
 
 def _probability_columns(classifier: Any) -> list[str]:

@@ -19,7 +19,7 @@ from cytocore.errors import CheckpointError, CytoFuseError, DataError
 from cytocore.records import Dataset
 from cytocore.trainloop import LoopConfig, TrainResult, TrainTask, train
 
-from .crops import CropConfig, JitterConfig, NegativeConfig
+from .crops import CropConfig, JitterConfig, NegativeConfig, tile_crop
 from .dataset import AugmentConfig, CropSampler, ImageCache, SamplingConfig, validation_crops
 from .metrics import classification_metrics, format_metrics
 from .model import ModelConfig, build_network, count_parameters, make_loss, probabilities
@@ -157,8 +157,9 @@ def build_setup(cfg: dict, dataset: Optional[Dataset] = None) -> ClassificationS
     proposals = load_proposal_pool(cfg, train_set, whole_image)
     sampler = CropSampler(train_set, crop, sampling, negatives, augment, whole_image, cache, proposals,
                           float(cfg["proposals"]["share"]), float(cfg["proposals"]["negative_share"]))
+    val_crop = tile_crop(crop, sampling.tile_zoom) if whole_image else crop
     val_crops, val_labels = validation_crops(
-        val_set, crop, negatives, whole_image, cfg["val"]["max_crops"], seed=loop.seed, cache=ImageCache(256)
+        val_set, val_crop, negatives, whole_image, cfg["val"]["max_crops"], seed=loop.seed, cache=ImageCache(256)
     )
     if len(val_crops) == 0 or not (val_labels.sum(axis=0) > 0).any():
         raise DataError(f"{val_set.root}: split {cfg['data']['val_split']!r} has no labelled boxes to validate on")
@@ -251,17 +252,21 @@ def evaluate_checkpoint(
     data_format: str = "auto",
     max_crops: Optional[int] = None,
     batch_size: int = 32,
+    tta: Optional[str] = None,
 ) -> dict[str, float]:
     """Metrics of a trained classifier on one split (e.g. the held-out test images).
 
     Crops are made exactly as for validation during training — every box unjittered plus the
-    run's share of negatives — with the checkpoint's own crop geometry and class order.
+    run's share of negatives — with the checkpoint's own crop geometry, class order and test-time
+    flips (``tta`` overrides them).
     """
     from cytocore.readers import load_dataset
 
     from .model_io import load_classifier
 
     clf = load_classifier(checkpoint)
+    if tta is not None:  # e.g. "none" to measure what the test-time flips add
+        clf.tta = tta
     ds = data if isinstance(data, Dataset) else load_dataset(data, format=data_format, class_names=clf.class_names)
     if ds.class_names != clf.class_names:
         raise DataError(f"{ds.root}: classes {ds.class_names} differ from the checkpoint's {clf.class_names}")
@@ -273,7 +278,7 @@ def evaluate_checkpoint(
     whole = run_cfg.get("data", {}).get("whole_image", "auto")
     whole_image = ds.format == "folders" if whole in ("auto", None) else bool(whole)
     seed = int(run_cfg.get("train", {}).get("seed", 0))
-    crops, labels = validation_crops(part, clf.crop, negatives, whole_image, max_crops, seed=seed)
+    crops, labels = validation_crops(part, clf.tile_crop if whole_image else clf.crop, negatives, whole_image, max_crops, seed=seed)
     probs = clf.predict_crops(crops, batch_size)
     metrics = classification_metrics(labels, probs, clf.class_names, clf.head)
     metrics["crops"] = float(len(crops))

@@ -7,7 +7,7 @@ import pytest
 
 from classification.dataset import CropSampler
 from classification.model_io import load_classifier
-from classification.train import build_setup, load_cls_config, train_classifier
+from classification.train import build_setup, evaluate_checkpoint, load_cls_config, train_classifier
 from cytocore import runtime
 from cytocore.errors import CheckpointError, CytoFuseError
 from tests.test_cls_data import TOY_CLASSES, toy_dataset, toy_folders
@@ -100,7 +100,7 @@ def test_resume_after_a_kill_equals_uninterrupted_training(tmp_path, monkeypatch
 def test_folder_per_class_set_trains_with_the_softmax_head(tmp_path):
     root = toy_folders(tmp_path / "tiles", per_class=3)
     cfg = _cfg("model.head=softmax", "negatives.ratio=0", "train.epochs=1", "train.steps_per_epoch=1",
-               f"data.path={root}")
+               f"data.path={root}", "sampling.tile_zoom=0.5")
     result = train_classifier(cfg, tmp_path / "run")
     row = result.history[0]
     assert {"val_accuracy", "val_balanced_accuracy", "val_auc_red"} <= set(row)
@@ -108,6 +108,10 @@ def test_folder_per_class_set_trains_with_the_softmax_head(tmp_path):
     assert clf.head == "softmax" and clf.class_names == ["blue", "plain", "red"]
     probs = clf.predict_crops(np.zeros((2, 32, 32, 3), np.uint8))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # Trained on half-side windows: whole tiles are shown at twice the crop size (same pixel scale).
+    assert clf.tile_crop.size == 2 * clf.crop.size
+    metrics = evaluate_checkpoint(result.best_checkpoint, root, split="val", data_format="folders")
+    assert metrics["crops"] == 9 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
 
 
 def test_softmax_head_refuses_multi_hot_boxes_and_negatives(tmp_path):

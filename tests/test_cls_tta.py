@@ -36,3 +36,16 @@ def test_label_smoothing_raises_the_loss_of_a_confident_right_answer():
     assert plain < 1e-3 and smooth > 0.5
     with pytest.raises(Exception, match="label_smoothing"):
         make_loss("softmax", label_smoothing=1.5)
+
+
+def test_zoomed_tile_windows_stay_inside_and_prediction_keeps_the_pixel_scale():
+    from classification.crops import CropConfig, tile_crop, zoom_boxes
+
+    rng = np.random.default_rng(0)
+    tiles = np.array([[0, 0, 224, 224]] * 50, np.float32)
+    windows = zoom_boxes(tiles, 0.5, rng)
+    np.testing.assert_allclose(windows[:, 2] - windows[:, 0], 112, atol=1e-3)
+    assert (windows[:, :2] >= 0).all() and (windows[:, 2:] <= 224 + 1e-3).all()
+    assert len({tuple(w) for w in windows.round(1).tolist()}) > 40  # random places
+    assert tile_crop(CropConfig(size=64), 0.5).size == 128
+    assert tile_crop(CropConfig(size=64), 1.0).size == 64
