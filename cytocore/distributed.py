@@ -152,7 +152,7 @@ def broadcast_parameters(cells: Iterable[Any]) -> None:
     bcast = ops.Broadcast(0)
     for p in params:
         (value,) = bcast((p.value(),))
-        p.set_data(value)
+        ops.assign(p, value)
 
 
 def average_buffers(cell: Any) -> None:
@@ -170,7 +170,8 @@ def average_buffers(cell: Any) -> None:
     reduce = ops.AllReduce()
     for p in cell.untrainable_params():
         if p.dtype in (ms.float16, ms.float32, ms.float64):
-            p.set_data(reduce(p.value()) / size())
+            # In place: set_data would give the parameter new memory that the compiled step never updates.
+            ops.assign(p, reduce(p.value()) / size())
 
 
 def barrier() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -33,8 +34,11 @@ def global_batches(steps: int = STEPS) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def train_tiny(out: Path, norm: str, epochs: int = 1, kill_at_epoch: int = -1, resume: bool = False,
-               init_seed: int = 0) -> list[np.ndarray]:
-    """Train a tiny U-Net with the shared loop; returns its parameters (weights and BatchNorm statistics)."""
+               init_seed: int = 0, stats: Optional[list] = None) -> list[np.ndarray]:
+    """Train a tiny U-Net with the shared loop; returns its parameters (weights and BatchNorm statistics).
+
+    ``stats`` collects the running statistics rank 0 validates with after each epoch.
+    """
     from cytocore import distributed, runtime
     from cytocore.trainloop import LoopConfig, OptimConfig, TrainTask, train
     from segmentation.losses import make_loss
@@ -54,6 +58,8 @@ def train_tiny(out: Path, norm: str, epochs: int = 1, kill_at_epoch: int = -1, r
             yield x[lo:lo + share], y[lo:lo + share]
 
     def validate(network):
+        if stats is not None:
+            stats.append(np.concatenate([p.asnumpy().ravel() for p in network.untrainable_params()]))
         return {"val_loss": 0.0}
 
     cfg = LoopConfig(epochs=epochs, steps_per_epoch=STEPS, seed=5, monitor="val_loss", monitor_mode="min",
@@ -66,9 +72,10 @@ def main(out_dir: str) -> None:
     from cytocore import distributed
 
     out = Path(out_dir)
+    bn_stats: list = []
     results = {
         "group": train_tiny(out / "group", "group", epochs=2),
-        "batch": train_tiny(out / "batch", "batch", epochs=2),
+        "batch": train_tiny(out / "batch", "batch", epochs=2, stats=bn_stats),
     }
     try:
         train_tiny(out / "resumed", "group", epochs=2, kill_at_epoch=1)
@@ -78,7 +85,7 @@ def main(out_dir: str) -> None:
     rank = distributed.rank()
     np.savez(out / f"weights_rank{rank}.npz",
              **{f"{k}_{i}": a for k, arrays in results.items() for i, a in enumerate(arrays)},
-             size=np.array(distributed.size()))
+             size=np.array(distributed.size()), **{f"bnstats_{i}": a for i, a in enumerate(bn_stats)})
 
 
 if __name__ == "__main__":

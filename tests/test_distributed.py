@@ -78,6 +78,10 @@ def test_two_msrun_workers_average_gradients_like_one_process(tmp_path):
         keys = [k for k in w0 if k.startswith(name + "_")]
         assert keys and all(np.array_equal(w0[k], w1[k]) for k in keys), name
 
+    # BatchNorm statistics are averaged in place: the compiled step keeps updating them after that.
+    assert "bnstats_1" in w0 and "bnstats_0" not in w1  # only rank 0 validates
+    assert not np.allclose(w0["bnstats_0"], w0["bnstats_1"])
+
     # 2. They equal one process with the same global batch: float tolerance (reduction order only).
     from tests.dist_worker import train_tiny
 
