@@ -46,12 +46,14 @@ def detections_frame(
     class_names: Sequence[str],
     sizes: Union[Mapping[str, tuple[int, int]], Sequence, np.ndarray],
     seg_scores: Optional[np.ndarray] = None,
+    labels: Optional[Sequence[str]] = None,
 ) -> pd.DataFrame:
     """Build the canonical detections table from pixel boxes and class probabilities.
 
     ``boxes`` is ``(N, 4)`` pixel xyxy; ``probs`` is ``(N, K)``; ``sizes`` is an id → (width, height)
     mapping, one ``(width, height)`` for all rows, or ``(N, 2)``. ``image_ids`` may be one id for all
-    rows. ``label`` is the most probable class; ``seg_score`` is NaN when not given.
+    rows. ``label`` is ``labels`` when given (the detector's choice), else the most probable class;
+    ``seg_score`` is NaN when not given.
     """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     n = len(boxes)
@@ -79,8 +81,11 @@ def detections_frame(
         frame[col] = probs[:, k]
     frame["seg_score"] = scores
     frame["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    names = np.asarray(list(class_names), dtype=object)
-    frame["label"] = names[probs.argmax(axis=1)] if n and len(names) else pd.Series([""] * n, dtype=object)
+    if labels is not None:
+        frame["label"] = pd.Series(list(labels), dtype=object)
+    else:
+        names = np.asarray(list(class_names), dtype=object)
+        frame["label"] = names[probs.argmax(axis=1)] if n and len(names) else pd.Series([""] * n, dtype=object)
     return frame
 
 
@@ -88,9 +93,9 @@ def _as_frame(detections: Union[pd.DataFrame, Mapping], class_names: Optional[Se
     if isinstance(detections, pd.DataFrame):
         return detections
     boxes = np.asarray(detections["boxes"], np.float64).reshape(-1, 4)
-    probs = np.asarray(detections["probs"], np.float64).reshape(len(boxes), -1)
     if class_names is None:
         raise ValueError("class_names is needed when detections are given as arrays")
+    probs = np.asarray(detections["probs"], np.float64).reshape(len(boxes), len(class_names))
     frame = pd.DataFrame({"image_id": list(detections["image_id"])})
     for k, col in enumerate(BOX_COLUMNS):
         frame[col] = boxes[:, k]

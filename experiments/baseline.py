@@ -6,9 +6,10 @@ asked to do both jobs at once: K+1 output channels (background + one per class),
 (``segmentation/configs/baseline.yaml``, ``targets.mode: classes``). Nothing here re-implements a
 stage: training is :func:`segmentation.train.build_task` + :func:`cytocore.trainloop.train`, decoding
 is the segmentation stage's multi-class decoder (per-class components → boxes whose class
-probabilities are the mean softmax inside the component; saliency = 1 − p_background), and the
-outputs are written by the fusion stage's :class:`fusion.pipeline.Pipeline` machinery, so
-``cytofuse evaluate`` scores both systems from identical files.
+probabilities are the mean softmax inside the component; saliency = 1 − p_background), offered as a
+candidate source (:class:`SingleStageSource`) to the fusion stage's
+:class:`fusion.pipeline.DetectionSystem`, whose folder runner and writer produce the same files as
+``cytofuse infer``, so ``cytofuse evaluate`` scores both systems from identical files.
 
 One decision is the baseline's own: the class-index targets paint a multi-label box (SCC + NSCLC)
 with its first class in header order (SCC), so the softmax never learns "NSCLC" for SCC and AC cells.
@@ -19,7 +20,6 @@ score near zero on the NSCLC column by construction, which would flatter the two
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,10 +28,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from cytocore.config import load_config, merge
+from cytocore.detections import Candidates
 from cytocore.errors import CheckpointError, CytoFuseError
 from cytocore.records import Dataset
-from cytocore.hashing import fingerprint, sha256_file
-from fusion.pipeline import Candidates, DetectSettings, Pipeline, load_fusion_config
+from fusion.pipeline import DetectionSystem, DetectSettings, detections_from_candidates, load_fusion_config, setup_runtime
 from fusion.rules import FusionRule, resolve_hierarchy
 
 log = logging.getLogger("cytofuse")
@@ -121,15 +121,16 @@ def candidates_from_segmentation(result: Any, class_names: Sequence[str], hierar
     missing = [c for c in class_names if c not in result.class_probs.columns]
     if missing:
         raise CytoFuseError(f"the U-Net's class maps lack class(es) {', '.join(missing)}")
-    boxes = inst[["x0", "y0", "x1", "y1"]].to_numpy(np.float64).reshape(-1, 4)
+    boxes = result.boxes()
     probs = result.class_probs[list(class_names)].to_numpy(np.float64).reshape(len(boxes), len(class_names))
-    column = "seg_max" if seg_score == "max" else "seg_mean"
     return Candidates(
         probability=np.asarray(result.probability, np.float32),
         boxes=boxes,
-        seg_scores=inst[column].to_numpy(np.float64).reshape(-1),
-        object_area=inst["area"].to_numpy(np.float64).reshape(-1),
+        seg_scores=result.scores(seg_score),
+        object_area=result.areas(),
         cls_probs=label_marginals(probs, class_names, hierarchy),
+        instances=inst,
+        labels=result.labels,
     )
 
 
@@ -154,13 +155,13 @@ def detections_from_class_candidates(image_id: str, candidates: Candidates, widt
                                      settings: DetectSettings):
     """The fused pipeline's selection (floor, NMS, cap, shrink) with class probabilities as scores,
     labelled with the U-Net's own (single-label) class."""
-    from fusion.pipeline import detections_from_candidates
+    return detections_from_candidates(image_id, candidates, width, height, class_names, baseline_rule(hierarchy),
+                                      settings, single_label_names)
 
-    rule = MeanSoftmaxRule(name="classifier", weight=0.5, hierarchy={k: list(v) for k, v in hierarchy.items()})
-    frame = detections_from_candidates(image_id, candidates, width, height, class_names, rule, settings)
-    if len(frame):
-        frame["label"] = single_label_names(frame[[f"p_{c}" for c in class_names]].to_numpy(np.float64), class_names, hierarchy)
-    return frame
+
+def baseline_rule(hierarchy: Mapping[str, Sequence[str]]) -> "MeanSoftmaxRule":
+    """The fusion "classifier" rule (score = class probability) with the baseline's hierarchy."""
+    return MeanSoftmaxRule(name="classifier", weight=0.5, hierarchy={k: list(v) for k, v in hierarchy.items()})
 
 
 class MeanSoftmaxRule(FusionRule):
@@ -173,70 +174,75 @@ class MeanSoftmaxRule(FusionRule):
 # ------------------------------------------------------------------------------------------ inference
 
 
-class BaselinePipeline(Pipeline):
-    """The fused pipeline's folder runner, outputs and resume, driven by one K+1-class U-Net.
+class SingleStageSource:
+    """The K+1-class U-Net as a candidate source: its components, their mean softmax as class scores.
 
-    Only what produces candidates differs from :class:`fusion.pipeline.Pipeline`: there is no
-    classifier checkpoint, and the class probabilities come from the U-Net's own softmax. The config
-    is the fusion stage's (floor, NMS, cap, overlays, outputs, segmentation predict/postprocess
+    There is no classifier: the class probabilities are the U-Net's own softmax (after
+    :func:`label_marginals` with ``hierarchy``).
+    """
+
+    def __init__(self, seg_path: PathLike, segmenter: Any, seg_settings: Any, hierarchy: Mapping[str, Sequence[str]],
+                 seg_score: str = "mean") -> None:
+        self.seg_path = Path(seg_path)
+        self.segmenter = segmenter
+        self.seg_settings = seg_settings
+        self.hierarchy = {k: list(v) for k, v in hierarchy.items()}
+        self.seg_score = seg_score
+        self.class_names: list[str] = list(segmenter.class_names)
+        self._checkpoints: Optional[dict] = None
+
+    @classmethod
+    def load(cls, seg_checkpoint: PathLike, config: Mapping[str, Any]) -> "SingleStageSource":
+        from fusion.sources import load_segmenter
+        from segmentation.predict import resolve_settings
+
+        segmenter = load_segmenter(seg_checkpoint)
+        if segmenter.mode != "classes" or segmenter.out_channels < 2:
+            raise CheckpointError(
+                f"{seg_checkpoint}: a binary U-Net ({segmenter.out_channels} output channel); the single-stage "
+                "baseline needs a K+1-class one (train it with segmentation/configs/baseline.yaml)"
+            )
+        names = list(segmenter.class_names)
+        try:
+            hierarchy = resolve_hierarchy((config.get("fusion") or {}).get("hierarchy", "auto"), names)
+        except ValueError as exc:
+            raise CytoFuseError(f"config: {exc}") from None
+        settings = resolve_settings(segmenter, config.get("segmentation"), "config segmentation")
+        return cls(seg_checkpoint, segmenter, settings, hierarchy, str(config.get("seg_score", "mean")))
+
+    def candidates(self, image: np.ndarray, timings: Optional[dict[str, float]] = None) -> Candidates:
+        from segmentation.predict import segment_image
+
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        seg = segment_image(image, self.segmenter, settings=self.seg_settings)
+        cand = candidates_from_segmentation(seg, self.class_names, self.hierarchy, self.seg_score)
+        timings["segment"] = timings.get("segment", 0.0) + (time.perf_counter() - t0)
+        timings["classify"] = timings.get("classify", 0.0)
+        return cand
+
+    def identity(self) -> dict:
+        from fusion.sources import checkpoint_identity
+
+        if self._checkpoints is None:
+            self._checkpoints = {"seg": checkpoint_identity(self.seg_path, self.segmenter)}
+        return {"system": SYSTEM_NAME, "checkpoints": self._checkpoints, "classes": self.class_names,
+                "hierarchy": self.hierarchy, "segmentation": self.seg_settings.to_dict(), "seg_score": self.seg_score}
+
+
+class BaselinePipeline(DetectionSystem):
+    """The single-stage system: one K+1-class U-Net, the fused pipeline's selection, runner and outputs.
+
+    The config is the fusion stage's (floor, NMS, cap, overlays, outputs, segmentation predict/postprocess
     options); its fusion rule is ignored, its ``fusion.hierarchy`` is used by :func:`label_marginals`.
     """
 
     def __init__(self, seg_checkpoint: PathLike, config: Union[None, PathLike, Mapping[str, Any]] = None,
                  overrides: Sequence[str] = ()) -> None:
-        from cytocore import runtime
-        from segmentation.model_io import load_segmenter
-
-        self.config = load_fusion_config(config, overrides)
-        rt = self.config.get("runtime") or {}
-        runtime.setup(seed=rt.get("seed", 0), threads=rt.get("threads"))
-        self.seg_path = Path(seg_checkpoint)
-        self.cls_path = None
-        self.classifier = None
-        self.segmenter = load_segmenter(self.seg_path)
-        if self.segmenter.mode != "classes" or self.segmenter.out_channels < 2:
-            raise CheckpointError(
-                f"{self.seg_path}: a binary U-Net ({self.segmenter.out_channels} output channel); the single-stage "
-                "baseline needs a K+1-class one (train it with segmentation/configs/baseline.yaml)"
-            )
-        self.class_names = list(self.segmenter.class_names)
-        try:
-            hierarchy = resolve_hierarchy((self.config.get("fusion") or {}).get("hierarchy", "auto"), self.class_names)
-            self.rule = MeanSoftmaxRule(name="classifier", weight=0.5, hierarchy=hierarchy)
-            self.settings = DetectSettings.from_config(self.config, self.class_names)
-        except ValueError as exc:
-            raise CytoFuseError(f"config: {exc}") from None
-        self._seg_options = self._segmentation_options()
-        self._hashes: dict[str, str] = {}
-
-    def _candidates(self, image: np.ndarray, timings: dict[str, float]) -> Candidates:
-        from segmentation.predict import segment_image
-
-        t0 = time.perf_counter()
-        predict_cfg, post_cfg = self._seg_options
-        seg = segment_image(image, self.segmenter, predict_cfg, post_cfg)
-        cand = candidates_from_segmentation(seg, self.class_names, self.rule.hierarchy,
-                                            str(self.config.get("seg_score", "mean")))
-        timings["segment"] = timings.get("segment", 0.0) + (time.perf_counter() - t0)
-        timings["classify"] = timings.get("classify", 0.0)
-        return cand
-
-    def detect(self, image_id: str, candidates: Candidates, width: int, height: int, rule: Any = None,
-               settings: Optional[DetectSettings] = None):
-        return detections_from_class_candidates(image_id, candidates, width, height, self.class_names,
-                                                (rule or self.rule).hierarchy, settings or self.settings)
-
-    def checkpoint_info(self) -> dict:
-        if not self._hashes:
-            self._hashes = {"seg": sha256_file(self.seg_path)}
-        meta = json.loads(json.dumps(getattr(self.segmenter, "meta", {}) or {}, default=str))
-        return {"seg": {"path": str(self.seg_path), "sha256": self._hashes["seg"], "meta": meta}}
-
-    def fingerprint(self) -> str:
-        info = self.checkpoint_info()
-        cfg = {k: v for k, v in self.config.items() if k not in ("runtime", "fusion_source")}
-        return fingerprint({"system": SYSTEM_NAME, "seg": info["seg"]["sha256"], "config": cfg,
-                            "classes": self.class_names, "hierarchy": self.rule.hierarchy})
+        config = load_fusion_config(config, overrides)
+        setup_runtime(config)
+        source = SingleStageSource.load(seg_checkpoint, config)
+        super().__init__(source, config, baseline_rule(source.hierarchy), label=single_label_names, system=SYSTEM_NAME)
 
 
 def run_baseline_folder(seg_ckpt: PathLike, images_dir: PathLike, out_dir: PathLike,
@@ -248,9 +254,7 @@ def run_baseline_folder(seg_ckpt: PathLike, images_dir: PathLike, out_dir: PathL
     resumable exactly like the fused pipeline. ``cfg`` is a fusion-stage config (dict or YAML path).
     Returns the ``run.json`` summary.
     """
-    summary = BaselinePipeline(seg_ckpt, cfg).run_folder(images_dir, out_dir, progress=progress)
-    summary["system"] = SYSTEM_NAME
-    return summary
+    return BaselinePipeline(seg_ckpt, cfg).run_folder(images_dir, out_dir, progress=progress)
 
 
 def images_seen(history: Iterable[Mapping[str, Any]]) -> int:

@@ -35,10 +35,19 @@ STAGE_CLIS = (
 )
 
 
+EXIT_CODES = """exit status:
+  0  all done
+  3  some inputs failed (reported one per line; the rest finished, run the same command again to retry them)
+  2  usage or configuration error (bad option, config, checkpoint or data set), nothing run
+  1  anything unexpected (a bug: please report the traceback)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cytofuse",
         description="Find and classify lung-cancer cells in cytology images (U-Net + EfficientNet, MindSpore).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging and MindSpore's own log")
     parser.add_argument("--version", action="version", version=f"cytofuse {package_version()}")
@@ -100,7 +109,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     is the exception: MindSpore signs it off from the job during a normal exit (the noise filter of
     :mod:`cytocore.runtime` hides the destructor errors).
     """
-    code = run(argv)
+    try:
+        code = run(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        code = exc.code if isinstance(exc.code, int) else 2
+    except Exception:  # noqa: BLE001 - a bug: show it, exit 1, and still skip MindSpore's teardown noise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     from cytocore import distributed

@@ -109,8 +109,8 @@ def collect_candidates(pipeline, records: Sequence[ImageRecord], progress: bool 
     """Both networks' candidates for every record (probability maps dropped to save memory)."""
     from tqdm import tqdm
 
+    from cytocore.detections import Candidates
     from cytocore.imageio import read_image
-    from fusion.pipeline import Candidates
 
     out: dict[str, Candidates] = {}
     for rec in tqdm(records, desc="candidates", unit="img", disable=not progress):
@@ -155,7 +155,8 @@ def predictions_for(cands: Mapping, records: Sequence[ImageRecord], class_names:
     from fusion.pipeline import detections_from_candidates
 
     frames = [
-        detections_from_candidates(r.image_id, cands[r.image_id], r.width, r.height, class_names, rule_for(r.image_id), settings)
+        detections_from_candidates(r.image_id, cands[r.image_id], r.width, r.height, class_names, rule_for(r.image_id),
+                                   settings).to_frame()
         for r in records
     ]
     frames = [f for f in frames if len(f)]

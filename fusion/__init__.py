@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Pipeline", "ImageResult", "FusionRule"]
+__all__ = ["Pipeline", "DetectionSystem", "ImageResult", "FusionRule"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Pipeline", "ImageResult"):
+    if name in ("Pipeline", "DetectionSystem", "ImageResult"):
         from . import pipeline
 
         return getattr(pipeline, name)

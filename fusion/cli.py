@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Segment, classify and fuse: writes predictions.csv (challenge rows), detections.csv, saliency/, "
             "overlays/, detections.geojson + geojson/ (QuPath), detections.coco.json, images.csv and run.json "
-            "to OUT. Re-running the same command skips images already done."
+            "to OUT. Re-running the same command skips images already done with the same checkpoints and config; "
+            "exit status 3 when some images failed (the others are finished)."
         ),
     )
     p.add_argument("--seg", required=True, metavar="CKPT", help="segmentation checkpoint (best.ckpt of `cytofuse seg train`)")
@@ -37,6 +38,8 @@ def parse_classes(text: str | None) -> list[str] | None:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    from cytocore.runfolder import EXIT_SOME_FAILED
+
     from .pipeline import Pipeline
 
     overrides = list(args.overrides)
@@ -53,4 +56,4 @@ def _infer(args: argparse.Namespace) -> int:
     )
     for item in summary["failed"]:
         print(f"  failed: {item['image']}: {item['error']}")
-    return 0 if done else 1
+    return EXIT_SOME_FAILED if failed else 0

@@ -92,13 +92,17 @@ def predict_settings(config: Optional[str], overrides: Sequence[str]) -> tuple[d
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import predict_folder
+    from .predict import segment_folder
 
     predict_cfg, post_cfg = predict_settings(args.config, args.overrides)
-    table = predict_folder(args.checkpoint, args.images, args.out, predict_cfg=predict_cfg or None,
-                           post_cfg=post_cfg or None, progress=True)
-    print(f"wrote {args.out}/saliency/ and {args.out}/instances.csv ({len(table)} cells)")
-    return 0
+    run = segment_folder(args.checkpoint, args.images, args.out, predict_cfg=predict_cfg or None,
+                         post_cfg=post_cfg or None, progress=True)
+    table = run.combined
+    print(f"{run.n_done} of {run.n_images} images done ({run.n_processed_now} now, {run.n_skipped} already done), "
+          f"{len(run.failed)} failed; wrote {args.out}/saliency/ and {args.out}/instances.csv ({len(table)} cells)")
+    for item in run.failed:
+        print(f"  failed: {item['image']}: {item['error']}")
+    return run.exit_code
 
 
 def _ceiling(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ from scipy import ndimage as ndi
 from skimage import feature, measure, morphology, segmentation
 
 from cytocore.config import merge
+from cytocore.errors import CytoFuseError
 
 log = logging.getLogger("cytofuse")
 
@@ -81,11 +82,11 @@ def postprocess_config(cfg: Optional[dict] = None) -> dict:
     """Defaults overlaid with ``cfg``; an unknown key is an error naming it (typos cost hours)."""
     out = merge(DEFAULT_POSTPROCESS, dict(cfg or {}), "postprocess config") if cfg else copy.deepcopy(DEFAULT_POSTPROCESS)
     if out["split"] not in ("watershed", "none"):
-        raise ValueError(f"postprocess split must be 'watershed' or 'none', not {out['split']!r}")
+        raise CytoFuseError(f"postprocess config: split must be 'watershed' or 'none', not {out['split']!r}")
     if out["markers"] not in MARKERS:
-        raise ValueError(f"postprocess markers must be one of {', '.join(MARKERS)}, not {out['markers']!r}")
+        raise CytoFuseError(f"postprocess config: markers must be one of {', '.join(MARKERS)}, not {out['markers']!r}")
     if out["multiclass"] not in ("per_class", "foreground"):
-        raise ValueError(f"postprocess multiclass must be 'per_class' or 'foreground', not {out['multiclass']!r}")
+        raise CytoFuseError(f"postprocess config: multiclass must be 'per_class' or 'foreground', not {out['multiclass']!r}")
     return out
 
 

@@ -7,7 +7,11 @@ The three entry points, from low to high level:
 * :func:`segment_image` — image → :class:`SegmentationResult` (probability map + instance boxes),
   one readable function in the spirit of StarDist's ``predict_instances_big``.
 * :func:`predict_folder` — a folder of images → ``saliency/<id>.png`` and ``instances.csv``
-  (``cytofuse seg predict``), resumable, skipping unreadable files.
+  (``cytofuse seg predict``): :class:`SegmentationSource` run by the project's one folder runner
+  (:mod:`cytocore.runfolder`), written by :mod:`segmentation.outputs`.
+
+Settings are resolved once (:func:`resolve_settings` → :class:`SegSettings`) by whoever loads the
+model, and passed down as they are.
 
 Memory is bounded by the tile batch, not the image. Tiles are predicted in raster order and their
 weighted outputs are summed into a *strip* buffer about one tile-row high across the width; as soon
@@ -24,27 +28,31 @@ a full-size float copy.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
+import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cytocore.atomic import write_with
 from cytocore.config import merge
+from cytocore.detections import Candidates, identity_fingerprint
 from cytocore.errors import CytoFuseError, DataError
-from cytocore.imageio import DEFAULT_MAX_PIXELS, list_images, probability_to_uint8, read_image, write_png
+from cytocore.imageio import DEFAULT_MAX_PIXELS, probability_to_uint8
 from cytocore.preprocess import to_network_input
 from cytocore.tiling import TileGrid, gaussian_importance_map, reflect_indices, tile_grid
 
-from .postprocess import INSTANCE_COLUMNS, find_class_instances, find_instances, postprocess_config
+from .postprocess import find_class_instances, find_instances, postprocess_config
+
+if TYPE_CHECKING:
+    from cytocore.runfolder import RunReport
 
 log = logging.getLogger("cytofuse")
 
@@ -531,23 +539,48 @@ def predict_probability(
 
 # ------------------------------------------------------------------------------------ one image, whole stage
 
-def model_settings(model: Any, predict_cfg: Optional[dict] = None, post_cfg: Optional[dict] = None) -> tuple[dict, dict]:
-    """Complete predict and post-process configs for a model.
+@dataclass(frozen=True)
+class SegSettings:
+    """Resolved prediction and post-processing options: every key present, every value checked.
 
-    Precedence (as ``fusion.pipeline`` uses): module defaults ← the ``predict``/``postprocess``
-    sections of the checkpoint's training config ← the checkpoint's validated ``threshold`` (unless
-    that config sets one) ← the post-processing values chosen on the validation split by FROC
-    (:func:`tuned_postprocess`) ← ``predict_cfg``/``post_cfg``.
+    Made once at the edge (:func:`resolve_settings`) and passed down as is, so the defaults, the
+    checkpoint's own options and the user's are merged in one place.
+    """
+
+    predict: dict
+    postprocess: dict
+
+    def to_dict(self) -> dict:
+        return {"predict": dict(self.predict), "postprocess": dict(self.postprocess)}
+
+
+def resolve_settings(model: Any, user: Optional[Mapping[str, Any]] = None, where: str = "") -> SegSettings:
+    """The settings a model predicts with: defaults ← its checkpoint ← ``user``.
+
+    Precedence: module defaults ← the ``predict``/``postprocess`` sections of the checkpoint's
+    training config ← the checkpoint's validated ``threshold`` (unless that config sets one) ← the
+    post-processing values chosen on the validation split by FROC (:func:`tuned_postprocess`) ←
+    ``user = {"predict": {...}, "postprocess": {...}}``. Unknown sections, keys or bad values are one
+    :class:`CytoFuseError` line, prefixed with ``where`` (e.g. ``"config segmentation"``).
     """
     info = model if isinstance(model, ModelInfo) else model_info(model)
-    saved = (info.meta or {}).get("config") or {}
-    saved = saved if isinstance(saved, dict) else {}
-    post_saved = {"threshold": info.threshold} if info.threshold is not None else {}
-    post_saved.update(saved.get("postprocess") or {})
-    post_saved.update(tuned_postprocess(info.meta))
-    predict = predict_config({**(saved.get("predict") or {}), **(predict_cfg or {})})
-    post = postprocess_config({**post_saved, **(post_cfg or {})})
-    return predict, post
+    user = dict(user or {})
+    try:
+        unknown = sorted(set(user) - {"predict", "postprocess"})
+        if unknown:
+            raise CytoFuseError(f"unknown option(s) {', '.join(unknown)} (known: predict, postprocess)")
+        saved = (info.meta or {}).get("config") or {}
+        saved = saved if isinstance(saved, dict) else {}
+        post_saved = {"threshold": info.threshold} if info.threshold is not None else {}
+        post_saved.update(saved.get("postprocess") or {})
+        post_saved.update(tuned_postprocess(info.meta))
+        predict = predict_config({**(saved.get("predict") or {}), **(user.get("predict") or {})})
+        post = postprocess_config({**post_saved, **(user.get("postprocess") or {})})
+    except CytoFuseError as exc:
+        if not where:
+            raise
+        raise CytoFuseError(f"{where}: {exc}") from None
+    return SegSettings(predict, post)
 
 
 def tuned_postprocess(meta: Optional[dict]) -> dict:
@@ -587,6 +620,17 @@ class SegmentationResult:
     instance_maps: Optional[np.ndarray] = None
     labels: Optional[np.ndarray] = None
 
+    def boxes(self) -> np.ndarray:
+        """``(N, 4)`` pixel xyxy of the instances (``(0, 4)`` when there are none)."""
+        return self.instances[["x0", "y0", "x1", "y1"]].to_numpy(np.float64).reshape(-1, 4)
+
+    def scores(self, which: str = "mean") -> np.ndarray:
+        """Each instance's segmentation score: the mean (or ``"max"``) probability inside it."""
+        return self.instances["seg_max" if which == "max" else "seg_mean"].to_numpy(np.float64).reshape(-1)
+
+    def areas(self) -> np.ndarray:
+        return self.instances["area"].to_numpy(np.float64).reshape(-1)
+
 
 def segment_image(
     image: np.ndarray,
@@ -597,20 +641,24 @@ def segment_image(
     class_out: Optional[np.ndarray] = None,
     instance_out: Optional[np.ndarray] = None,
     labels_out: Union[None, bool, np.ndarray] = True,
+    settings: Optional[SegSettings] = None,
 ) -> SegmentationResult:
     """Probability map, cell boxes and instance label plane for one RGB uint8 image of any size.
 
     Tiled prediction (:func:`predict_probability`), then post-processing block by block
     (:func:`segmentation.postprocess.find_instances`, or ``find_class_instances`` for K+1 maps),
     with the instance head's map splitting touching cells when the model has one.
-    Options not given come from the checkpoint, then the defaults (:func:`model_settings`).
+    ``settings`` are used as given (resolved once by the caller); without them, ``predict_cfg`` and
+    ``post_cfg`` are completed from the checkpoint and the defaults (:func:`resolve_settings`).
     ``out``/``class_out``/``instance_out`` may be ``np.memmap`` planes for images that do not fit in
     memory as float. ``labels_out``: ``True`` allocates an int32 label plane, ``False``/``None``
     skips it, an H×W integer array (or memmap) of zeros receives it.
     """
     info = model if isinstance(model, ModelInfo) else model_info(model)
-    predict_cfg, post = model_settings(info, predict_cfg, post_cfg)
-    maps = predict_probability(image, info, predict_cfg, out=out, class_out=class_out, instance_out=instance_out)
+    if settings is None:
+        settings = resolve_settings(info, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
+    post = settings.postprocess
+    maps = predict_probability(image, info, settings.predict, out=out, class_out=class_out, instance_out=instance_out)
     if labels_out is True:
         labels_out = np.zeros(maps.saliency.shape, np.int32)
     elif labels_out is False:
@@ -622,16 +670,6 @@ def segment_image(
     return SegmentationResult(maps.saliency, instances, class_probs, maps.class_maps, maps.instance_maps, labels_out)
 
 
-# ------------------------------------------------------------------------------------------ a folder
-
-def _load_model(checkpoint_or_segmenter: Any) -> Any:
-    if isinstance(checkpoint_or_segmenter, (str, Path)):
-        from .model_io import load_segmenter
-
-        return load_segmenter(checkpoint_or_segmenter)
-    return checkpoint_or_segmenter
-
-
 def instance_rows(result: SegmentationResult) -> pd.DataFrame:
     """The rows written to ``instances/<id>.csv``: the instance table plus ``p_<class>`` columns."""
     table = result.instances.copy()
@@ -641,13 +679,76 @@ def instance_rows(result: SegmentationResult) -> pd.DataFrame:
     return table
 
 
-def _read_instance_csv(path: Path, image_id: str) -> pd.DataFrame:
-    df = pd.read_csv(path)
-    df.insert(0, "image_id", image_id)
-    return df
+# ------------------------------------------------------------------------------------------ a folder
+
+def load_model(checkpoint_or_model: Any) -> Any:
+    """A checkpoint path loaded as a :class:`~segmentation.model_io.Segmenter`; anything else as given."""
+    if isinstance(checkpoint_or_model, (str, Path)):
+        from .model_io import load_segmenter
+
+        return load_segmenter(checkpoint_or_model)
+    return checkpoint_or_model
 
 
-def predict_folder(
+def model_identity(model: Any) -> dict:
+    """``checkpoints.seg`` of a run's identity: path, sha256 and metadata of the model's checkpoint.
+
+    A model not loaded from a file (a NumPy callable in tests) is named by its qualified name.
+    """
+    from cytocore.hashing import sha256_file
+
+    path = getattr(model, "path", None)
+    if path is not None and Path(path).is_file():
+        meta = json.loads(json.dumps(getattr(model, "meta", None) or {}, default=str))
+        return {"path": str(path), "sha256": sha256_file(path), "meta": meta}
+    name = f"{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__qualname__)}"
+    return {"path": None, "sha256": name, "meta": {}}
+
+
+class SegmentationSource:
+    """The segmentation stage alone as a candidate source (``cytofuse seg predict``).
+
+    Candidates are the instances with their segmentation scores; a multi-class U-Net's mean softmax
+    per instance are the class probabilities (none for a binary one).
+    """
+
+    def __init__(self, model: Any, settings: SegSettings, seg_score: str = "mean") -> None:
+        self.model = model
+        self.info = model_info(model)
+        self.settings = settings
+        self.seg_score = seg_score
+        multi = getattr(model, "mode", None) == "classes"
+        self.class_names: list[str] = list(self.info.class_names or []) if multi else []
+        self._identity: Optional[dict] = None
+
+    @classmethod
+    def load(cls, checkpoint_or_model: Any, user: Optional[Mapping[str, Any]] = None, where: str = "") -> "SegmentationSource":
+        model = load_model(checkpoint_or_model)
+        return cls(model, resolve_settings(model, user, where))
+
+    def segment(self, image: np.ndarray) -> SegmentationResult:
+        return segment_image(image, self.info, settings=self.settings)
+
+    def candidates(self, image: np.ndarray, timings: Optional[dict[str, float]] = None) -> Candidates:
+        t0 = time.perf_counter()
+        seg = self.segment(image)
+        if timings is not None:
+            timings["segment"] = timings.get("segment", 0.0) + (time.perf_counter() - t0)
+        if seg.class_probs is not None:
+            probs = seg.class_probs.to_numpy(np.float64).reshape(len(seg.instances), -1)
+        else:
+            probs = np.zeros((len(seg.instances), 0))
+        return Candidates(seg.probability, seg.boxes(), seg.scores(self.seg_score), seg.areas(), probs,
+                          instances=instance_rows(seg), labels=seg.labels)
+
+    def identity(self) -> dict:
+        if self._identity is None:
+            self._identity = {"system": "segmentation", "checkpoints": {"seg": model_identity(self.model)},
+                              "settings": self.settings.to_dict()}
+        return self._identity
+
+
+def segment_folder(
     checkpoint_or_segmenter: Any,
     images_dir: PathLike,
     out_dir: PathLike,
@@ -655,62 +756,34 @@ def predict_folder(
     post_cfg: Optional[dict] = None,
     progress: bool = True,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-) -> pd.DataFrame:
-    """Segment every image in ``images_dir``: ``out_dir/saliency/<id>.png`` and ``out_dir/instances.csv``.
+) -> "RunReport":
+    """Segment every image in ``images_dir`` into ``out_dir`` (layout: :mod:`segmentation.outputs`).
 
-    Resumable: an image whose saliency PNG and ``instances/<id>.csv`` both exist is not predicted
-    again (the PNG is written last, so it marks a finished image); ``instances.csv`` is rebuilt
-    from the per-image CSVs every run, so it is always complete. An unreadable image is reported in
-    one warning line naming the file and skipped. Returns the ``instances.csv`` table
-    (``image_id`` first, then the instance columns, pixel coordinates).
+    Runs on :func:`cytocore.runfolder.run_images`: resumable with the fingerprint of the model and
+    settings (another checkpoint redoes every image), unreadable images reported in one warning line
+    and skipped, no stale file of a failed or redone image left. ``instances.csv`` is rebuilt from
+    the per-image CSVs every run, so it is always complete; it is the report's ``combined`` table.
     """
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from cytocore.runfolder import folder_sources, run_images
 
-    model = _load_model(checkpoint_or_segmenter)
-    info = model_info(model)
-    pcfg, post = model_settings(info, predict_cfg, post_cfg)
-    out_dir = Path(out_dir)
-    saliency_dir, instance_dir = out_dir / "saliency", out_dir / "instances"
-    paths = list_images(images_dir)
-    seen: dict[str, Path] = {}
-    done_ids: list[str] = []
-    skipped = problems = 0
-    bar = tqdm(paths, desc="seg predict", unit="image", disable=not progress)
-    with logging_redirect_tqdm() if progress else contextlib.nullcontext():  # warnings on their own line
-        for path in bar:
-            image_id = path.stem
-            if image_id in seen:
-                log.warning("skipped %s: image id %r is already used by %s", path, image_id, seen[image_id].name)
-                problems += 1
-                continue
-            seen[image_id] = path
-            saliency_path, csv_path = saliency_dir / f"{image_id}.png", instance_dir / f"{image_id}.csv"
-            if saliency_path.exists() and csv_path.exists():
-                done_ids.append(image_id)
-                skipped += 1
-                continue
-            try:
-                image = read_image(path, max_pixels=max_pixels)
-            except DataError as exc:
-                log.warning("skipped unreadable image: %s", exc)
-                problems += 1
-                continue
-            result = segment_image(image, info, pcfg, post)
-            rows = instance_rows(result)
-            write_with(csv_path, lambda tmp: rows.to_csv(tmp, index=False))
-            plane = result.probability
-            write_png(saliency_path, plane if plane.dtype == np.uint8 else probability_to_uint8(plane))
-            done_ids.append(image_id)
-    tables = [_read_instance_csv(instance_dir / f"{i}.csv", i) for i in done_ids]
-    if tables:
-        nonempty = [t for t in tables if not t.empty]
-        table = pd.concat(nonempty, ignore_index=True) if nonempty else tables[0]
-    else:
-        table = pd.DataFrame(columns=["image_id"] + INSTANCE_COLUMNS)
-    write_with(out_dir / "instances.csv", lambda tmp: table.to_csv(tmp, index=False))
+    from .outputs import SegmentationRunWriter
+
+    source = SegmentationSource.load(checkpoint_or_segmenter, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
+    sources, duplicates = folder_sources(images_dir)
+    writer = SegmentationRunWriter(Path(out_dir))
+    run = run_images(
+        sources, lambda image, src: source.candidates(image), writer, identity_fingerprint(source.identity()),
+        read=lambda src: src.read(max_pixels=max_pixels), failed=duplicates, progress=progress, desc="seg predict",
+    )
     log.info(
         "seg predict: %d image(s) segmented, %d already done, %d skipped (unreadable or duplicate id); %d instances in %s",
-        len(done_ids) - skipped, skipped, problems, len(table), out_dir / "instances.csv",
+        run.n_processed_now, run.n_skipped, len(run.failed), len(run.combined), Path(out_dir) / "instances.csv",
     )
-    return table
+    return run
+
+
+def predict_folder(checkpoint_or_segmenter: Any, images_dir: PathLike, out_dir: PathLike, *args: Any,
+                   **options: Any) -> pd.DataFrame:
+    """:func:`segment_folder` (same arguments), returning the ``instances.csv`` table (``image_id``
+    first, pixel coordinates) instead of the run report."""
+    return segment_folder(checkpoint_or_segmenter, images_dir, out_dir, *args, **options).combined

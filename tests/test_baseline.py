@@ -44,7 +44,7 @@ def _decode(maps, names, hierarchy=None, settings=None):
     cand = candidates_from_segmentation(result, names, hierarchy or {})
     h, w = maps.shape[1:]
     settings = settings or DetectSettings(floors=np.zeros(len(names)), iou=0.5, containment=0.8, max_detections=None)
-    return cand, detections_from_class_candidates("img", cand, w, h, names, hierarchy or {}, settings)
+    return cand, detections_from_class_candidates("img", cand, w, h, names, hierarchy or {}, settings).to_frame()
 
 
 def test_class_maps_become_boxes_with_mean_softmax():
@@ -116,16 +116,16 @@ def test_baseline_config_is_the_k_plus_1_unet():
 # ------------------------------------------------------------------------------ folder run (untrained tiny U-Net)
 
 
-def _checkpoint(folder, mode: str):
+def _checkpoint(folder, mode: str, seed: int = 0):
     from cytocore import runtime
     from segmentation.unet import create_unet, resolve_model_config
 
-    runtime.setup(seed=0, threads=2)
+    runtime.setup(seed=seed, threads=2)
     channels = len(CHALLENGE) + 1 if mode == "classes" else 1
     model_cfg = resolve_model_config({"name": "unet_tiny", "out_channels": channels})
     meta = {"stage": "segmentation", "model": model_cfg, "class_names": CHALLENGE, "mode": mode, "scale": 1.0,
             "input_multiple": 4, "threshold": 0.5, "config": {}}
-    return runtime.save_checkpoint(folder / f"{mode}.ckpt", [create_unet(**model_cfg)], meta)
+    return runtime.save_checkpoint(folder / f"{mode}_{seed}.ckpt", [create_unet(**model_cfg)], meta)
 
 
 def test_binary_checkpoint_is_refused(tmp_path):
@@ -180,3 +180,8 @@ def test_folder_run_writes_the_fused_pipelines_files_and_resumes(tmp_path):
     # A second run skips the finished images.
     again = run_baseline_folder(ckpt, images, out, cfg, progress=False)
     assert again["n_skipped_already_done"] == 2 and again["n_processed_now"] == 0
+    # Another checkpoint into the same folder redoes every image instead of reusing the old model's.
+    first_map = (out / "saliency" / "im0.png").read_bytes()
+    other = run_baseline_folder(_checkpoint(tmp_path, "classes", seed=1), images, out, cfg, progress=False)
+    assert other["n_skipped_already_done"] == 0 and other["n_processed_now"] == 2
+    assert (out / "saliency" / "im0.png").read_bytes() != first_map

@@ -40,13 +40,15 @@ def checkpoints(tmp_path_factory):
     seg_meta = {"stage": "segmentation", "model": model_cfg, "class_names": NAMES, "mode": "binary", "scale": 1.0,
                 "input_multiple": 4, "threshold": 0.5, "config": {}}
     seg = runtime.save_checkpoint(folder / "seg.ckpt", [unet], seg_meta)
+    runtime.setup(seed=1, threads=2)
+    seg_other = runtime.save_checkpoint(folder / "seg_other.ckpt", [create_unet(**model_cfg)], seg_meta)
     model = ModelConfig(name="efficientnet_b0", width_mult=0.25, depth_mult=0.25, drop_rate=0.0, drop_path_rate=0.0)
     crop = CropConfig(size=32)
     net = build_network(model, len(NAMES))
     cls = runtime.save_checkpoint(folder / "cls.ckpt", [net], checkpoint_meta(model, NAMES, crop))
     other = build_network(model, 2)
     cls_other = runtime.save_checkpoint(folder / "cls_other.ckpt", [other], checkpoint_meta(model, ["benign", "malignant"], crop))
-    return {"seg": seg, "cls": cls, "cls_other": cls_other}
+    return {"seg": seg, "seg_other": seg_other, "cls": cls, "cls_other": cls_other}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_run_image_gives_map_and_table(pipeline):
     result = pipeline.run_image(image, "x")
     assert result.probability.shape == image.shape[:2]
     assert 0.0 <= float(result.probability.min()) <= float(result.probability.max()) <= 1.0
-    det = result.detections
+    det = result.detections.to_frame()
     assert list(det.columns[:9]) == ["image_id", "x0", "y0", "x1", "y1", "xmin", "ymin", "xmax", "ymax"]
     assert {f"p_{c}" for c in NAMES} | {"seg_score", "area", "label"} <= set(det.columns)
     if len(det):
@@ -120,8 +122,8 @@ def test_folder_run_skips_a_corrupt_file_and_resumes_without_work(pipeline, imag
     first_predictions = (out / "predictions.csv").read_text()
 
     calls = []
-    original = type(pipeline)._candidates
-    monkeypatch.setattr(type(pipeline), "_candidates", lambda self, *a: calls.append(1) or original(self, *a))
+    original = type(pipeline.source).candidates
+    monkeypatch.setattr(type(pipeline.source), "candidates", lambda self, *a: calls.append(1) or original(self, *a))
     again = pipeline.run_folder(images, out, progress=False)
     assert calls == []  # nothing recomputed
     assert again["n_skipped_already_done"] == 2 and again["n_processed_now"] == 0
@@ -183,9 +185,48 @@ def test_cli_infer_with_a_fusion_file(checkpoints, images, tmp_path, capsys):
                 "--out", str(out), "--config", str(config), "--fusion", str(fusion), "--classes", ",".join(NAMES),
                 "--set", "overlay.enabled=false", "--no-progress"])
     printed = capsys.readouterr().out
-    assert code == 0
+    assert code == 3  # broken.png failed, the others finished: exit status 3
     assert "2 of 3 images done" in printed and "failed: " in printed and "broken.png" in printed
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["fusion"]["rule"] == "product" and run_json["fusion"]["source"] == str(fusion)
     assert run_json["config"]["box_shrink"] == 0.9
     assert not (out / "overlays").exists()
+
+
+def _per_image_files(out):
+    return {sub: sorted(p.stem for p in (out / sub).glob("*")) for sub in ("saliency", "overlays", "geojson")}
+
+
+def test_another_checkpoint_redoes_and_leaves_nothing_stale(checkpoints, pipeline, images, tmp_path):
+    """Issue 13 (3): re-running into the same --out with another model recomputes every image, and an
+    image that now fails keeps no file of the older model."""
+    from fusion.pipeline import Pipeline
+
+    out = tmp_path / "out"
+    pipeline.run_folder(images, out, progress=False)
+    assert _per_image_files(out)["geojson"] == ["slide_a", "slide_b"]
+    first_map = (out / "saliency" / "slide_a.png").read_bytes()
+    (images / "slide_b.jpg").write_bytes(b"no longer an image")
+    other = Pipeline(checkpoints["seg_other"], checkpoints["cls"], CONFIG)
+    summary = other.run_folder(images, out, progress=False)
+    assert summary["n_processed_now"] == 1 and summary["n_skipped_already_done"] == 0 and summary["n_failed"] == 2
+    assert (out / "saliency" / "slide_a.png").read_bytes() != first_map  # the new model's map
+    assert _per_image_files(out) == {"saliency": ["slide_a"], "overlays": ["slide_a"], "geojson": ["slide_a"]}
+    assert not (out / "parts" / "slide_b.csv").exists() and not (out / "parts" / "slide_b.json").exists()
+    assert pd.read_csv(out / "images.csv").image_id.tolist() == ["slide_a"]
+
+
+def test_an_image_without_detections_is_a_normal_result(checkpoints, images, tmp_path):
+    """Issue 13 (1): a healthy image (no cell found) gets its map, an images.csv row, an empty GeoJSON."""
+    from fusion.pipeline import Pipeline
+
+    strict = {**CONFIG, "segmentation": {**CONFIG["segmentation"], "postprocess": {"threshold": 1.0, "min_area": 4}}}
+    out = tmp_path / "out"
+    summary = Pipeline(checkpoints["seg"], checkpoints["cls"], strict).run_folder(images, out, progress=False)
+    assert summary["n_done"] == 2 and summary["n_detections"] == 0
+    assert _per_image_files(out) == {sub: ["slide_a", "slide_b"] for sub in ("saliency", "overlays", "geojson")}
+    table = pd.read_csv(out / "images.csv")
+    assert table.image_id.tolist() == ["slide_a", "slide_b"] and table.malignancy.tolist() == [0.0, 0.0]
+    assert table.n_detections.tolist() == [0, 0]
+    assert json.loads((out / "geojson" / "slide_a.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
+    assert len(pd.read_csv(out / "predictions.csv")) == 0

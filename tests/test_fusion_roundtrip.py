@@ -7,23 +7,18 @@ pipeline promises (floor, shrink, chosen label, malignancy).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from cytocore.detections import Candidates
 from cytocore.records import Dataset, ImageRecord
+from cytocore.runfolder import ImageSource
 from cytocore.writers import read_predictions_csv
-from fusion.pipeline import (
-    Candidates,
-    DetectSettings,
-    ImageResult,
-    choose_labels,
-    detections_from_candidates,
-    load_fusion_config,
-    write_combined_outputs,
-    write_image_outputs,
-)
+from fusion.outputs import DetectionRunWriter
+from fusion.pipeline import DetectSettings, ImageResult, choose_labels, detections_from_candidates, load_fusion_config
 from fusion.rules import FusionRule, resolve_hierarchy
 
 NAMES = ["SCC", "AC", "SCLC", "NSCLC"]
@@ -60,6 +55,7 @@ def test_ground_truth_candidates_score_froc_one(tmp_path):
     rule = FusionRule.from_config(cfg["fusion"], NAMES)
     settings = DetectSettings.from_config(cfg, NAMES)
     out = tmp_path / "out"
+    writer = DetectionRunWriter(out, NAMES, cfg, settings.floors)
     records = {}
     for rec in ds:
         cand = _perfect_candidates(rec)
@@ -67,8 +63,8 @@ def test_ground_truth_candidates_score_froc_one(tmp_path):
         assert len(det) == rec.n_boxes
         result = ImageResult(rec.image_id, rec.width, rec.height, cand.probability, det, NAMES, {"segment": 0.1})
         image = np.full((rec.height, rec.width, 3), 200, np.uint8)
-        records[rec.image_id] = write_image_outputs(out, f"{rec.image_id}.png", image, result, cfg, "fp")
-    table = write_combined_outputs(out, [r.image_id for r in ds], records, NAMES, cfg, settings.floors)
+        records[rec.image_id] = writer.write_image(ImageSource(rec.image_id, Path(f"{rec.image_id}.png")), image, result)
+    table = writer.write_combined(records)
     assert len(table) == 4
 
     preds = read_predictions_csv(out / "predictions.csv", NAMES)
@@ -104,7 +100,7 @@ def test_floor_and_cap_reach_the_table():
     names = ["p", "q"]
     rule = FusionRule("product")
     settings = DetectSettings(floors=np.array([0.2, 0.2]), max_detections=5)
-    det = detections_from_candidates("i", cand, 700, 40, names, rule, settings)
+    det = detections_from_candidates("i", cand, 700, 40, names, rule, settings).to_frame()
     assert len(det) == 5
     assert det.p_p.min() >= 0.2 and det.p_p.is_monotonic_decreasing
     assert det.seg_score.tolist() == pytest.approx(np.linspace(0.05, 0.95, n)[::-1][:5].tolist())

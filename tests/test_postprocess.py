@@ -184,5 +184,5 @@ def test_config_errors():
     assert postprocess_config(None) == DEFAULT_POSTPROCESS
     with pytest.raises(CytoFuseError, match="threshhold"):
         postprocess_config({"threshhold": 0.4})
-    with pytest.raises(ValueError, match="markers"):
+    with pytest.raises(CytoFuseError, match="markers"):
         postprocess_config({"markers": "random"})

@@ -17,6 +17,7 @@ from cytocore.imageio import probability_to_uint8, read_mask
 from cytocore.preprocess import to_network_input
 from segmentation.postprocess import INSTANCE_COLUMNS
 from segmentation.predict import (
+    segment_folder,
     _resize_rows,
     _RowResampler,
     _ScaledImage,
@@ -388,12 +389,17 @@ def test_predict_folder_skips_corrupt_and_resumes(tmp_path, caplog):
     predict_folder(net, images, out, cfg, progress=False)
     assert calls and (out / "saliency" / "img01.png").exists()
 
+    # other settings (or another model) redo every image
+    calls.clear()
+    run = segment_folder(net, images, out, dict(cfg, overlap=0.5), progress=False)
+    assert run.n_processed_now == 3 and run.n_skipped == 0 and len(run.failed) == 1 and run.exit_code == 3
 
-def _untrained_checkpoint(path, mode: str, class_names):
+
+def _untrained_checkpoint(path, mode: str, class_names, seed: int = 0):
     from cytocore import runtime
     from segmentation.unet import create_unet, resolve_model_config
 
-    runtime.setup(seed=0)
+    runtime.setup(seed=seed)
     model = resolve_model_config({"name": "unet_tiny"})
     model["out_channels"] = 1 if mode == "binary" else len(class_names) + 1
     meta = {"stage": "segmentation", "model": model, "class_names": class_names, "mode": mode, "scale": 0.5,
@@ -418,6 +424,12 @@ def test_predict_folder_with_a_real_checkpoint(tmp_path, mode):
     if mode == "classes":
         assert {"class_name", "p_SCC", "p_AC"} <= set(table.columns)
         assert set(table["class_name"]) <= set(names)
+    # Another checkpoint into the same folder is predicted again, not served the old maps.
+    first_map = (tmp_path / "out" / "saliency" / "img00.png").read_bytes()
+    other = _untrained_checkpoint(tmp_path / "other.ckpt", mode, names, seed=1)
+    run = segment_folder(other, images, tmp_path / "out", cfg, {"threshold": 0.0, "min_area": 1}, progress=False)
+    assert run.n_skipped == 0 and run.n_processed_now == 2 and run.exit_code == 3  # broken.jpg failed
+    assert (tmp_path / "out" / "saliency" / "img00.png").read_bytes() != first_map
     seg = load_segmenter(ckpt)
     with pytest.raises(CytoFuseError, match="multiple of 4"):
         predict_probability(cell_image(), seg, dict(tile=66, context=4))

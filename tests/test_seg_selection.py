@@ -39,7 +39,7 @@ def test_best_checkpoint_follows_validation_froc_and_carries_its_tuned_values(tm
     from cytocore import runtime
     from cytocore.trainloop import train
     from segmentation.model_io import load_segmenter
-    from segmentation.predict import model_settings
+    from segmentation.predict import resolve_settings
     from segmentation.train import build_task, load_seg_config
     from tests.test_seg_train import TINY, _write_dataset
 
@@ -62,7 +62,7 @@ def test_best_checkpoint_follows_validation_froc_and_carries_its_tuned_values(tm
     params, meta = runtime.load_checkpoint(result.best_checkpoint)
     assert meta["epoch"] == 2 and meta["metrics"]["val_froc"] == 0.9
     seg = load_segmenter(result.best_checkpoint)
-    _, post = model_settings(seg)
+    post = resolve_settings(seg).postprocess
     assert abs(post["threshold"] - 0.5) < 1e-9  # the value tuned at epoch 2, not the config's or the last epoch's
-    _, post = model_settings(seg, post_cfg={"threshold": 0.42})
+    post = resolve_settings(seg, {"postprocess": {"threshold": 0.42}}).postprocess
     assert post["threshold"] == 0.42  # an explicit option still wins

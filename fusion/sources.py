@@ -1,0 +1,121 @@
+"""The two-stage candidate source: the U-Net's objects, each classified by the crop classifier.
+
+One of the three :class:`cytocore.detections.CandidateSource` implementations (the others: the
+single-stage U-Net in ``experiments.baseline`` and the segmentation stage alone in
+``segmentation.predict``). The fusion step (``fusion.pipeline``) does not care which one it is given.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from cytocore.detections import Candidates, empty_scores
+from cytocore.errors import CheckpointError
+from cytocore.hashing import sha256_file
+
+PathLike = Union[str, Path]
+
+
+def checkpoint_identity(path: Path, model: Any) -> dict:
+    """Path, sha256 and metadata of one loaded checkpoint (for ``run.json`` and the resume fingerprint)."""
+    return {"path": str(path), "sha256": sha256_file(path), "meta": _json_safe(getattr(model, "meta", {}))}
+
+
+def load_segmenter(path: PathLike, option: str = "--seg") -> Any:
+    """A segmentation checkpoint, with a load error naming the command-line option it came from."""
+    from segmentation.model_io import load_segmenter as load
+
+    try:
+        return load(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"segmentation checkpoint ({option}): {exc}") from None
+
+
+def load_classifier(path: PathLike, option: str = "--cls") -> Any:
+    from classification.model_io import load_classifier as load
+
+    try:
+        return load(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"classifier checkpoint ({option}): {exc}") from None
+
+
+class TwoStageSource:
+    """Segment, then classify each object's crop: candidates with a seg score and class probabilities.
+
+    ``seg_settings`` are the segmentation stage's resolved settings
+    (:func:`segmentation.predict.resolve_settings`); ``seg_score`` is "mean" or "max" of the map
+    inside the object; ``batch_size`` is the classifier's crops per call.
+    """
+
+    def __init__(self, seg_path: PathLike, segmenter: Any, cls_path: PathLike, classifier: Any, seg_settings: Any,
+                 seg_score: str = "mean", batch_size: int = 32) -> None:
+        self.seg_path, self.cls_path = Path(seg_path), Path(cls_path)
+        self.segmenter, self.classifier = segmenter, classifier
+        self.seg_settings = seg_settings
+        self.seg_score = seg_score
+        self.batch_size = int(batch_size)
+        self.class_names: list[str] = list(classifier.class_names)
+        self._checkpoints: Optional[dict] = None
+
+    @classmethod
+    def load(cls, seg_checkpoint: PathLike, cls_checkpoint: PathLike, config: Mapping[str, Any],
+             classes: Optional[Sequence[str]] = None) -> "TwoStageSource":
+        """Both checkpoints, checked against the expected ``classes``, with the config's settings resolved."""
+        from segmentation.predict import resolve_settings
+
+        segmenter = load_segmenter(seg_checkpoint)
+        classifier = load_classifier(cls_checkpoint)
+        names = list(classifier.class_names)
+        if classes is not None:
+            expected = [str(c) for c in classes]
+            if sorted(expected) != sorted(names):
+                raise CheckpointError(
+                    f"{cls_checkpoint}: the classifier predicts classes {', '.join(names)} but "
+                    f"{', '.join(expected)} were expected (--classes); use a classifier trained on those classes"
+                )
+        settings = resolve_settings(segmenter, config.get("segmentation"), "config segmentation")
+        return cls(seg_checkpoint, segmenter, cls_checkpoint, classifier, settings,
+                   seg_score=str(config.get("seg_score", "mean")),
+                   batch_size=int((config.get("classification") or {}).get("batch_size", 32)))
+
+    def candidates(self, image: np.ndarray, timings: Optional[dict[str, float]] = None) -> Candidates:
+        from classification.predict import classify_boxes
+        from segmentation.predict import segment_image
+
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        seg = segment_image(image, self.segmenter, settings=self.seg_settings)
+        boxes = seg.boxes()
+        t1 = time.perf_counter()
+        if len(boxes):
+            probs = np.asarray(classify_boxes(image, boxes, self.classifier, batch_size=self.batch_size), np.float64)
+            probs = probs.reshape(len(boxes), len(self.class_names))
+        else:
+            probs = empty_scores(self.class_names)
+        t2 = time.perf_counter()
+        timings["segment"] = timings.get("segment", 0.0) + (t1 - t0)
+        timings["classify"] = timings.get("classify", 0.0) + (t2 - t1)
+        return Candidates(seg.probability, boxes, seg.scores(self.seg_score), seg.areas(), probs, instances=seg.instances,
+                          labels=seg.labels)
+
+    def checkpoints(self) -> dict:
+        if self._checkpoints is None:
+            self._checkpoints = {"seg": checkpoint_identity(self.seg_path, self.segmenter),
+                                 "cls": checkpoint_identity(self.cls_path, self.classifier)}
+        return self._checkpoints
+
+    def identity(self) -> dict:
+        return {"system": "two-stage", "checkpoints": self.checkpoints(), "classes": self.class_names,
+                "segmentation": self.seg_settings.to_dict(), "seg_score": self.seg_score}
+
+
+def _json_safe(obj: Any) -> Any:
+    try:
+        return json.loads(json.dumps(obj, default=str))
+    except (TypeError, ValueError):
+        return str(obj)
