@@ -197,11 +197,6 @@ def candidate_rules(class_names: Sequence[str], hierarchy, weights: Sequence[flo
     return rules
 
 
-def image_scores(frame: pd.DataFrame, class_names: Sequence[str]) -> np.ndarray:
-    """``(N, K)`` fused class scores of one image's detections."""
-    return frame[[f"p_{c}" for c in class_names]].to_numpy(np.float64) if len(frame) else np.zeros((0, len(class_names)))
-
-
 def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequence[str], rule_for: Callable,
                      final_rule, settings, n_folds: int, fold: Mapping[str, int], l2: float) -> dict:
     """The image-level malignancy model on validation images, with its cross-fitted ROC AUC there.
@@ -216,8 +211,8 @@ def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequ
 
     from .explain_auc import roc_auc
 
-    scores = {r.image_id: image_scores(detections_from_candidates(r.image_id, cands[r.image_id], r.width, r.height, names,
-                                                                  rule_for(r.image_id), settings), names) for r in records}
+    scores = {r.image_id: detections_from_candidates(r.image_id, cands[r.image_id], r.width, r.height, names,
+                                                     rule_for(r.image_id), settings).scores for r in records}
     truth = {r.image_id: bool(r.n_boxes and r.labels.any()) for r in records}
     ids = [r.image_id for r in records]
     y = np.array([truth[i] for i in ids])
