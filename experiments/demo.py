@@ -16,7 +16,9 @@ from typing import Any, Iterable, Mapping, Union
 
 from cytocore.atomic import write_text
 
-from .compare import CONFIG_DIR, SINGLE_STAGE, TWO_STAGE, load_compare_config, run_compare
+from .compare import load_compare_config, run_compare
+from .runkit import SINGLE_STAGE, TWO_STAGE
+from .stages import CONFIG_DIR
 
 log = logging.getLogger("cytofuse")
 

@@ -21,7 +21,7 @@ def training_proposals(seg_checkpoint: PathLike, dataset: Dataset, split: str, i
     """Segment the ``split`` images into ``out_dir`` (resumable); returns ``out_dir/instances.csv``."""
     from segmentation.predict import predict_folder
 
-    from .compare import link_split_images
+    from .runkit import link_split_images
 
     out = Path(out_dir)
     images = link_split_images(dataset, split, out / "images")

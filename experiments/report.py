@@ -1,7 +1,9 @@
 """The comparison report: one table, FROC curves and overlays that let a user judge the design.
 
-``results.json`` holds everything measured; ``report.md`` is what a person reads. Both are built
-from a plain results dict so the builder is testable without training anything:
+``results.json`` holds everything measured; ``report.md`` is what a person reads (with the budget
+text and notes of :func:`budget_text` and :func:`report_notes`, and the classifier-only run's
+:func:`classifier_report`). Both are built from a plain results dict so the builder is testable
+without training anything:
 
     {"dataset": {...}, "seed": 0, "budget": "...",
      "systems": {name: {"metrics": <experiments.evaluate output>, "triage": {...}, "segmentation": {...},
@@ -10,12 +12,15 @@ from a plain results dict so the builder is testable without training anything:
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from cytocore.atomic import write_json, write_text, write_with
+
+from .runkit import SINGLE_STAGE, TWO_STAGE
 
 PathLike = Union[str, Path]
 
@@ -205,3 +210,82 @@ def build_report(results: dict, out_dir: PathLike) -> Path:
     report = out / "report.md"
     write_text(report, "\n".join(lines))
     return report
+
+
+# ------------------------------------------------------------------------------ report text
+
+
+def budget_text(runs: Mapping[str, dict], systems: Sequence[str]) -> str:
+    """The compute each system got, in wall-clock minutes and samples seen."""
+    from cytocore import runtime
+
+    parts = []
+    if TWO_STAGE in systems:
+        s, c = runs["seg"], runs["cls"]
+        parts.append(f"two-stage = segmentation {s['minutes']:.1f} min ({s['epochs']} epochs, {s['samples']} patches) + "
+                     f"classifier {c['minutes']:.1f} min ({c['epochs']} epochs, {c['samples']} crops) = "
+                     f"{s['minutes'] + c['minutes']:.1f} min")
+    if SINGLE_STAGE in systems:
+        b = runs["baseline"]
+        budget = "none" if b.get("budget_minutes") is None else f"{b['budget_minutes']:.1f} min"
+        parts.append(f"single-stage budget {budget}, used {b['minutes']:.1f} min ({b['epochs']} epochs, {b['samples']} patches)")
+    threads = runtime.runtime_info().get("threads") if "mindspore" in sys.modules else None
+    where = f" on {threads} CPU thread(s)" if threads else ""
+    return "; ".join(parts) + f". Training wall-clock{where}; a stage stops when its budget is used up (one validation pass may follow)"
+
+
+def report_notes(results: Mapping[str, Any], runs: Mapping[str, dict], systems: Sequence[str], cfg: Mapping[str, Any]) -> list[str]:
+    notes = []
+    ds = results["dataset"]
+    notes.append(f"Split: {', '.join(f'{k} {v}' for k, v in ds['splits'].items())} images (seed {ds['split_seed']}, "
+                 "fixed in splits.csv); every system trained on the train split, chose its checkpoint on val "
+                 f"and is scored on {ds['split']} ({ds['n_healthy']} healthy image(s) included).")
+    if ds.get("n_problems"):
+        notes.append(f"Data: {ds['n_problems']} annotation problem(s) skipped while reading (first: {ds['problems'][0]}).")
+    if TWO_STAGE in systems:
+        fusion = results["systems"][TWO_STAGE].get("fusion")
+        how = "chosen on val by `cytofuse fuse fit`" if cfg.get("fusion_fit") else "from the config, not tuned"
+        notes.append(f"Two-stage fusion rule: {fusion} ({how}).")
+    if SINGLE_STAGE in systems:
+        notes.append("Single-stage: the segmentation stage's U-Net with K+1 outputs (class-index targets); a box's class "
+                     "probabilities are the mean softmax inside its component, a parent class (NSCLC) gets its "
+                     "sub-types' mass (the targets paint SCC+NSCLC boxes as SCC); saliency = 1 − p(background).")
+    notes.append("infer s/image: median per test image of segmentation + classification + fusion (graph compile and "
+                 "file writing excluded by the median and the timer); Dice and Rand error: saliency ≥ "
+                 f"{cfg['report']['mask_threshold']} against the masks, pooled over test images with a mask.")
+    for system, sysres in results["systems"].items():
+        for w in (sysres.get("metrics") or {}).get("warnings", [])[:3]:
+            notes.append(f"{system}: {w}")
+        if sysres.get("n_failed"):
+            notes.append(f"{system}: {sysres['n_failed']} test image(s) failed in inference (see {sysres['outputs']}/run.json).")
+    return notes
+
+
+def classifier_report(results: Mapping[str, Any]) -> str:
+    """A short markdown report of a classifier-only run (the detection report's table does not apply)."""
+    m, ds, tr = results["metrics"], results["dataset"], results["training"]
+
+    def f(v: Any) -> str:
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.3f}"
+
+    lines = [
+        f"# CytoFuse classifier — {ds['name']}",
+        "",
+        f"Data set: `{ds['path']}`, evaluated on split **{ds['split']}** ({m['n_items']} items; splits "
+        f"{', '.join(f'{k} {v}' for k, v in ds['splits'].items())}). Seed {results['seed']}.",
+        f"Training: {tr['minutes']:.1f} min, {tr['epochs']} epochs, {tr['samples']} crops seen "
+        f"(budget {tr['budget_minutes']} min). Weights: the final epoch's ({Path(m['checkpoint']).name}), so the "
+        "evaluated split chose nothing.",
+        "",
+        "| class | ROC AUC | AP | balanced accuracy (one-vs-rest, p ≥ 0.5) | items |",
+        "|---|---|---|---|---|",
+    ]
+    for c in ds["classes"]:
+        lines.append(f"| {c} | {f(m.get(f'auc_{c}'))} | {f(m.get(f'ap_{c}'))} | {f(m.get(f'bacc_{c}'))} | {m['n_per_class'][c]} |")
+    lines.append(f"| **mean** | {f(m.get('mean_auc'))} | {f(m.get('mean_ap'))} | {f(m.get('mean_bacc'))} | {m['n_items']} |")
+    lines.append("")
+    if "argmax_accuracy" in m:
+        lines.append(f"Arg-max class: accuracy {f(m['argmax_accuracy'])}, balanced accuracy (mean per-class recall) "
+                     f"{f(m['argmax_balanced_accuracy'])}.")
+    lines.append(f"Inference: {1000 * m['infer_seconds_per_item']:.1f} ms per item (batched, graph compile included).")
+    return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ run's validation Dice and adapted Rand error in one table; this reproduces that 
 option (``optimizer.lr``, ``model.base_width``, ``data.scale`` ...). Each value trains with the
 segmentation stage's own :func:`segmentation.train.train_segmentation` (no second loop) into
 ``OUT/<param>=<value>/``; a run that finished (``done.json``, written by
-:func:`experiments.compare.run_stage`) is reused, one killed mid-way resumes from its ``last.ckpt``.
+:func:`experiments.stages.run_stage`) is reused, one killed mid-way resumes from its ``last.ckpt``.
 After every run the table is rewritten, so a long sweep can be read while it goes:
 
     OUT/sweep.csv   one row per value: best val Dice, IoU and Rand error at that epoch, losses, minutes
@@ -177,7 +177,7 @@ def run_sweep(cfg: dict, param: str, values: Sequence[SweepValue], out_dir: Path
     """Train (or reuse) one run per value and write the table and plot; returns the table."""
     from segmentation.train import check_config, train_segmentation
 
-    from .compare import run_stage
+    from .stages import run_stage
 
     if not values:
         raise CytoFuseError("--values: nothing to sweep")

@@ -177,8 +177,9 @@ def make_cam_masks(cls_checkpoint: PathLike, dataset: Dataset, out_dir: PathLike
 #
 # ``cytofuse targets-compare``: the segmentation stage trained three ways on one split and budget —
 # the real masks, the inscribed ellipses of the boxes, and CAM pseudo-masks from the boxes — so the
-# table says what weak supervision costs against drawn masks. Built from experiments.compare's
-# pieces (data and split file, stage configs, resumable ``run_stage``, scoring of fused outputs).
+# table says what weak supervision costs against drawn masks. Built from the experiments'
+# shared pieces: stage configs and resumable ``run_stage`` (experiments.stages), data and split
+# file, test images and scoring of fused outputs (experiments.runkit).
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TARGETS_DEFAULTS = CONFIG_DIR / "targets_defaults.yaml"
@@ -190,7 +191,7 @@ def load_targets_config(path: Optional[PathLike] = None, overrides: Sequence[str
     """``compare_defaults.yaml`` + ``targets_defaults.yaml`` ← the user's YAML ← ``--set``, checked."""
     from cytocore.config import load_config, merge, read_yaml
 
-    from .compare import DEFAULTS
+    from .stages import DEFAULTS
 
     base = merge(read_yaml(DEFAULTS), read_yaml(TARGETS_DEFAULTS), str(TARGETS_DEFAULTS), strict=False)
     cfg = load_config(base, path, overrides)
@@ -243,7 +244,7 @@ def cam_folder_name(cls_checkpoint: PathLike, options: CamMaskOptions) -> str:
 
 def kind_seg_config(cfg: dict, kind: str, data_path: Path, mask_dir: Optional[Path]) -> dict:
     """The segmentation stage's config for one target kind (same budget, seed and options otherwise)."""
-    from .compare import seg_stage_config
+    from .stages import seg_stage_config
 
     scfg = seg_stage_config(cfg, data_path, cfg["budget"]["seg_minutes"])
     if kind == "cam":
@@ -256,7 +257,7 @@ def kind_seg_config(cfg: dict, kind: str, data_path: Path, mask_dir: Optional[Pa
 def classifier_checkpoint(cfg: dict, ds: Dataset, data_path: Path, out: Path, progress: bool) -> tuple[Optional[Path], Optional[dict]]:
     """The classifier for the CAMs and the fused test: ``targets.classifier``, else one trained on the
     boxes (``budget.cls_minutes``), else none when neither CAMs nor the fused test need one."""
-    from .compare import cls_stage_config, repo_path, run_stage
+    from .stages import cls_stage_config, repo_path, run_stage
 
     t = cfg["targets"]
     if t["classifier"]:
@@ -283,7 +284,8 @@ def run_targets_compare(cfg: dict, out_dir: PathLike) -> dict:
     from segmentation.pseudo_masks import target_agreement
 
     from .baseline import train_unet
-    from .compare import Phases, dataset_info, infer_config, link_split_images, prepare_data, run_stage, score_system
+    from .runkit import Phases, dataset_info, link_split_images, prepare_data, score_system
+    from .stages import infer_config, run_stage
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

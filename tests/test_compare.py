@@ -14,6 +14,8 @@ from PIL import Image
 from cytocore.errors import CytoFuseError, DataError
 from cytocore.records import Dataset, ImageRecord
 from experiments import compare as cmp
+from experiments import report as rep
+from experiments import runkit, stages
 
 NAMES = ["A", "B"]
 
@@ -42,14 +44,14 @@ def test_config_rejects_unknown_keys_and_systems(tmp_path):
 
 
 def test_config_paths_are_relative_to_the_repo():
-    assert cmp.repo_path("../shared/datasets/x") == (cmp.REPO_ROOT.parent / "shared" / "datasets" / "x").resolve()
-    assert cmp.repo_path("/abs/path") == Path("/abs/path")
+    assert stages.repo_path("../shared/datasets/x") == (stages.REPO_ROOT.parent / "shared" / "datasets" / "x").resolve()
+    assert stages.repo_path("/abs/path") == Path("/abs/path")
 
 
 def test_missing_data_set_is_one_clear_line(tmp_path):
     cfg = _cfg(path="../shared/datasets/no_such_set_here")
     with pytest.raises(DataError) as info:
-        cmp.prepare_data(cfg, tmp_path / "out")
+        runkit.prepare_data(cfg, tmp_path / "out")
     message = str(info.value)
     assert "\n" not in message and "no_such_set_here" in message and "not found" in message
 
@@ -59,19 +61,19 @@ def test_stage_configs_share_data_seed_budget_and_the_unet(tmp_path):
     cfg["seed"] = 7
     cfg["seg"] = {"model": {"name": "unet_tiny"}, "train": {"steps_per_epoch": 5}}
     cfg["baseline"] = {"train": {"steps_per_epoch": 6}}
-    seg = cmp.seg_stage_config(cfg, tmp_path, 2.5)
+    seg = stages.seg_stage_config(cfg, tmp_path, 2.5)
     assert seg["train"]["seed"] == 7 and seg["train"]["time_budget_minutes"] == 2.5
     assert seg["targets"]["mode"] == "binary" and seg["data"]["path"] == str(tmp_path)
-    base = cmp.baseline_stage_config(cfg, tmp_path, 4.0, epochs=9)
+    base = stages.baseline_stage_config(cfg, tmp_path, 4.0, epochs=9)
     # Same U-Net as the segmentation stage, the single-stage targets, its own overrides and budget.
     assert base["model"]["name"] == "unet_tiny" and base["targets"]["mode"] == "classes"
     assert base["train"]["steps_per_epoch"] == 6 and base["train"]["epochs"] == 9
     assert base["train"]["time_budget_minutes"] == 4.0
-    cls = cmp.cls_stage_config(cfg, tmp_path, 1.0)
+    cls = stages.cls_stage_config(cfg, tmp_path, 1.0)
     assert cls["train"]["seed"] == 7 and cls["data"]["val_split"] == "val"
     cfg["seg"] = {"model": {"nmae": "x"}}
     with pytest.raises(CytoFuseError, match="nmae"):
-        cmp.seg_stage_config(cfg, tmp_path, 1.0)
+        stages.seg_stage_config(cfg, tmp_path, 1.0)
 
 
 def test_baseline_budget_is_both_stages_minutes():
@@ -122,13 +124,13 @@ def test_split_is_made_once_written_and_reused(tmp_path):
     write_challenge_dataset(Dataset(_records(tmp_path / "src"), NAMES), data)
     out = tmp_path / "out"
     cfg = _cfg(path=str(data), split_seed=3)
-    ds, path = cmp.prepare_data(cfg, out)
+    ds, path = runkit.prepare_data(cfg, out)
     assert path == data and all(r.split in ("train", "val", "test") for r in ds.records)
     first = pd.read_csv(out / "splits.csv")
     assert len(first) == 5
     # Another seed later does not move images between splits: the written split wins.
     cfg["data"]["split_seed"] = 99
-    ds2, _ = cmp.prepare_data(cfg, out)
+    ds2, _ = runkit.prepare_data(cfg, out)
     assert {r.image_id: r.split for r in ds2.records} == {r.image_id: r.split for r in ds.records}
 
 
@@ -139,11 +141,11 @@ def test_test_images_are_linked_by_image_id(tmp_path):
     folder = tmp_path / "links"
     folder.mkdir()
     (folder / "stale.png").write_bytes(b"x")
-    cmp.link_split_images(Dataset(records, NAMES), "test", folder)
+    runkit.link_split_images(Dataset(records, NAMES), "test", folder)
     assert sorted(p.name for p in folder.iterdir()) == ["im1.png", "im2.png", "im4.png"]
     assert (folder / "im1.png").resolve() == (tmp_path / "src" / "images" / "im1.png").resolve()
     with pytest.raises(DataError, match="holdout"):
-        cmp.link_split_images(Dataset(records, NAMES), "holdout", folder)
+        runkit.link_split_images(Dataset(records, NAMES), "holdout", folder)
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -155,7 +157,7 @@ def test_finished_stage_is_reused_and_a_changed_config_refused(tmp_path):
     folder.mkdir()
     (folder / "best.ckpt").write_bytes(b"weights")
     done = {"stage": "segmentation", "best_checkpoint": str(folder / "best.ckpt"), "minutes": 1.0, "epochs": 2,
-            "config_hash": cmp.config_hash(cfg)}
+            "config_hash": stages.config_hash(cfg)}
     (folder / "done.json").write_text(json.dumps(done))
 
     def must_not_train():
@@ -163,10 +165,10 @@ def test_finished_stage_is_reused_and_a_changed_config_refused(tmp_path):
 
     # Progress bars and the budget do not change what a finished run learned.
     same = {**cfg, "train": {**cfg["train"], "progress": False, "time_budget_minutes": 9}}
-    assert cmp.run_stage("segmentation", folder, same, must_not_train)["minutes"] == 1.0
+    assert stages.run_stage("segmentation", folder, same, must_not_train)["minutes"] == 1.0
     other = {**cfg, "model": {"depth": 4}}
     with pytest.raises(CytoFuseError, match="another config"):
-        cmp.run_stage("segmentation", folder, other, must_not_train)
+        stages.run_stage("segmentation", folder, other, must_not_train)
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -213,10 +215,10 @@ def test_scores_and_report_on_a_tiny_fixture(tmp_path):
     _system(tmp_path / "poor", test, [("im4", [0, 0, 6, 6], [0.7, 0.2])],
             {"im1": 0.0, "im2": 0.0, "im4": 0.7}, {"im1": 1.0, "im2": 1.0, "im4": 1.0}, lambda r: np.zeros((32, 32), np.uint8))
 
-    overlays = cmp.pick_overlays(test, 2)
+    overlays = runkit.pick_overlays(test, 2)
     assert overlays == ["im1", "im4"]  # the image with most boxes (ties by id), then one healthy image
-    good = cmp.score_system(ds, "test", tmp_path / "good", 0.5, overlays)
-    poor = cmp.score_system(ds, "test", tmp_path / "poor", 0.5, overlays)
+    good = runkit.score_system(ds, "test", tmp_path / "good", 0.5, overlays)
+    poor = runkit.score_system(ds, "test", tmp_path / "poor", 0.5, overlays)
 
     assert good["metrics"]["froc"]["A"] == pytest.approx(1.0) and good["metrics"]["n_images"] == 3
     assert poor["metrics"]["froc"]["A"] == pytest.approx(0.0)
@@ -247,7 +249,7 @@ def test_classifier_report_lists_every_class():
     results = {"dataset": {"name": "tiles", "path": "p", "split": "val", "splits": {"train": 20, "val": 10},
                            "classes": NAMES}, "seed": 0, "metrics": metrics,
                "training": {"minutes": 1.5, "epochs": 3, "samples": 96, "budget_minutes": 2}}
-    text = cmp.classifier_report(results)
+    text = rep.classifier_report(results)
     assert "| A | 0.900 | 0.800 | 0.750 | 6 |" in text and "| B | – | 0.500 | 0.500 | 4 |" in text
     assert "accuracy 0.700" in text and "last.ckpt" in text
 
@@ -272,9 +274,9 @@ def test_dataset_info_and_notes_name_the_split_and_skipped_rows(tmp_path):
     ds = Dataset(records, NAMES, problems=[Problem("a.xml", 4, "degenerate box, skipped", "error"),
                                           Problem("b.xml", None, "size read from image", "warning")])
     cfg = _cfg(path="../shared/datasets/tiny")
-    info = cmp.dataset_info(cfg, ds, tmp_path / "data", "test")
+    info = runkit.dataset_info(cfg, ds, tmp_path / "data", "test")
     assert (info["name"], info["split"], info["n_images"], info["n_boxes"], info["n_healthy"]) == ("data", "test", 3, 2, 1)
     assert info["splits"] == {"test": 3, "train": 1, "val": 1} and info["n_problems"] == 1
-    notes = cmp.report_notes({"dataset": info, "systems": {}}, {}, [], cfg)
+    notes = rep.report_notes({"dataset": info, "systems": {}}, {}, [], cfg)
     assert any("test 3, train 1, val 1" in n for n in notes)
     assert any("1 annotation problem" in n and "a.xml" in n for n in notes)

@@ -1,0 +1,185 @@
+"""The training stages of an experiment run: each stage's config, and reuse of a finished stage.
+
+Shared by ``cytofuse compare`` (:mod:`experiments.compare`), ``targets-compare``
+(:mod:`experiments.weak_supervision`) and ``sweep``: a stage's config is its own defaults ← the
+experiment's ``seg``/``cls``/``baseline`` section ← the experiment's data, seed and budget;
+:func:`run_stage` trains it once into its folder (``done.json``) and refuses to reuse a run
+trained with another config (:func:`config_hash`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from cytocore.atomic import write_json
+from cytocore.config import merge, read_yaml
+from cytocore.errors import CytoFuseError
+from cytocore.hashing import fingerprint
+
+log = logging.getLogger("cytofuse")
+
+PathLike = Union[str, Path]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULTS = CONFIG_DIR / "compare_defaults.yaml"
+
+
+#: Keys left out of a stage's config fingerprint: they change how a run looks, not what it learns.
+NOT_FINGERPRINTED = (("train", "progress"), ("train", "time_budget_minutes"), ("out",))
+
+
+def repo_path(path: PathLike) -> Path:
+    """Config paths are relative to the repository root (``../shared/datasets/...``), so a config
+    means the same thing whatever the working directory."""
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+def _without(cfg: Mapping[str, Any], paths: Sequence[tuple[str, ...]]) -> dict:
+    out = copy.deepcopy(dict(cfg))
+    for path in paths:
+        node = out
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
+
+
+def config_hash(cfg: Mapping[str, Any]) -> str:
+    return fingerprint(_without(cfg, NOT_FINGERPRINTED))
+
+
+def _section(cfg: Mapping[str, Any], name: str) -> tuple[Optional[Path], dict]:
+    """A stage section: its ``config:`` file (resolved) and the remaining override keys."""
+    section = dict(cfg.get(name) or {})
+    base = section.pop("config", None)
+    return (repo_path(base) if base else None), section
+
+
+def seg_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float]) -> dict:
+    """The segmentation stage's config: its defaults ← ``seg.config`` ← ``seg`` overrides ← compare's data, seed, budget."""
+    from segmentation.train import load_seg_config
+
+    base, overrides = _section(cfg, "seg")
+    scfg = load_seg_config(base)
+    if overrides:
+        scfg = merge(scfg, overrides, "compare config seg")
+    return _common_train_options(scfg, cfg, data_path, budget_minutes)
+
+
+def baseline_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float],
+                          epochs: Optional[int] = None) -> dict:
+    """The baseline's config: the *segmentation stage's* config (same U-Net, patches, scale,
+    augmentation, optimiser) with the single-stage sections of ``segmentation/configs/baseline.yaml``
+    (or ``baseline.config``) — everything but its ``model`` and ``out`` — then ``baseline`` overrides.
+
+    Taking the architecture from the segmentation stage keeps the comparison about the design
+    (one network doing both jobs), not about a wider or deeper U-Net.
+    """
+    from .baseline import baseline_config_path
+
+    base, overrides = _section(cfg, "baseline")
+    bfile = base or baseline_config_path()
+    scfg = seg_stage_config(cfg, data_path, budget_minutes)
+    single = {k: v for k, v in read_yaml(bfile).items() if k not in ("model", "out")}
+    bcfg = merge(scfg, single, str(bfile))
+    if overrides:
+        bcfg = merge(bcfg, overrides, "compare config baseline")
+    if bcfg["targets"]["mode"] != "classes":
+        raise CytoFuseError(f"{bfile}: the single-stage baseline needs targets.mode: classes, not {bcfg['targets']['mode']!r}")
+    if epochs is not None:
+        bcfg["train"]["epochs"] = int(epochs)
+    return _common_train_options(bcfg, cfg, data_path, budget_minutes)
+
+
+def cls_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float]) -> dict:
+    from classification.train import load_cls_config
+
+    base, overrides = _section(cfg, "cls")
+    ccfg = load_cls_config(base)
+    if overrides:
+        ccfg = merge(ccfg, overrides, "compare config cls")
+    ccfg["data"]["split_fractions"] = list(cfg["data"]["split_fractions"])
+    return _common_train_options(ccfg, cfg, data_path, budget_minutes)
+
+
+def _common_train_options(stage: dict, cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float]) -> dict:
+    """What compare decides for every stage: data (for the record: the split data set is passed in),
+    split names and seed, training seed, budget and progress bars."""
+    d = cfg["data"]
+    stage["data"]["path"] = str(data_path)
+    stage["data"]["train_split"] = d["train_split"]
+    stage["data"]["val_split"] = d["val_split"]
+    stage["data"]["split_seed"] = int(d["split_seed"])
+    stage["train"]["seed"] = int(cfg["seed"])
+    stage["train"]["time_budget_minutes"] = None if budget_minutes is None else float(budget_minutes)
+    stage["train"]["progress"] = bool(cfg["progress"])
+    return stage
+
+
+def infer_config(cfg: Mapping[str, Any]) -> dict:
+    """The fusion-stage config both systems run inference with."""
+    from fusion.pipeline import load_fusion_config
+
+    block = copy.deepcopy(dict(cfg.get("infer") or {}))
+    block.setdefault("runtime", {})
+    block["runtime"] = {**dict(block["runtime"] or {}), "seed": int(cfg["seed"])}
+    return load_fusion_config(block)
+
+
+def _read_done(folder: Path) -> Optional[dict]:
+    path = folder / "done.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any]) -> dict:
+    """Train one stage, or reuse it when ``done.json`` says it finished with this config.
+
+    A run without ``done.json`` (killed mid-way) is resumed from its ``last.ckpt`` by the loop.
+    """
+    from .baseline import images_seen
+
+    digest = config_hash(stage_cfg)
+    done = _read_done(folder)
+    if done is not None and Path(done.get("best_checkpoint", "")).is_file():
+        if done.get("config_hash") != digest:
+            raise CytoFuseError(
+                f"{folder}: this {name} stage was trained with another config (fingerprint {done.get('config_hash')} "
+                f"!= {digest}); delete {folder} to retrain it, or use another --out"
+            )
+        log.info("    reusing the finished %s run in %s (%.1f min, %d epochs)", name, folder, done["minutes"], done["epochs"])
+        return done
+    result = train()
+    done = {
+        "stage": name,
+        "best_checkpoint": str(result.best_checkpoint),
+        "last_checkpoint": str(result.last_checkpoint),
+        "minutes": round(float(result.minutes), 3),
+        "epochs": len(result.history),
+        "samples": images_seen(result.history),
+        "best_value": result.best_value,
+        "monitor": stage_cfg["train"]["monitor"],
+        "budget_minutes": stage_cfg["train"]["time_budget_minutes"],
+        "epochs_planned": int(stage_cfg["train"]["epochs"]),
+        "config_hash": digest,
+    }
+    write_json(folder / "done.json", done)
+    log.info("    %s trained: %d epochs, %.1f min, best %s = %s", name, done["epochs"], done["minutes"], done["monitor"],
+             "n/a" if done["best_value"] is None else f"{done['best_value']:.4f}")
+    return done
