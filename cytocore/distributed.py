@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,8 +59,8 @@ def env_size() -> int:
 
 
 def local_workers() -> int:
-    """Workers sharing this machine's cores (so each takes its share of threads)."""
-    return max(1, int(os.environ.get(LOCAL_WORKERS_ENV) or 1)) if launched() else 1
+    """Workers sharing this machine's cores (so each takes its share of threads); set by ``--workers``."""
+    return max(1, int(os.environ.get(LOCAL_WORKERS_ENV) or 1))
 
 
 def init() -> None:
@@ -248,12 +249,63 @@ def relaunch(workers: int, log_dir: Path, argv: Optional[Sequence[str]] = None) 
     args = strip_workers_flag(sys.argv[1:] if argv is None else argv)
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env[LOCAL_WORKERS_ENV] = str(workers)
+    env = _worker_env(workers)
     cmd = msrun_command(args, workers, log_dir)
     log.info("starting %d workers with msrun (logs in %s)", workers, log_dir)
-    code = subprocess.run(cmd, env=env).returncode
+    code = _wait([subprocess.Popen(cmd, env=env)])[0]
     if code:
         print(f"error: a worker failed (exit {code}); see {log_dir}/worker_*.log and scheduler.log", file=sys.stderr)
     return code
+
+
+def _worker_env(workers: int) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env[LOCAL_WORKERS_ENV] = str(workers)
+    return env
+
+
+def _wait(procs: Sequence[subprocess.Popen]) -> list[int]:
+    """Exit codes of the children; on Ctrl-C each is asked to stop (msrun then stops its workers) first."""
+    try:
+        return [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+
+
+def run_local_shards(workers: int, log_dir: Path, argv: Sequence[str]) -> int:
+    """Run this same command as ``workers`` processes, ``--shard i/workers`` each, and wait for all.
+
+    Sharded inference needs no communication between workers, so no msrun: worker 0 prints to this
+    terminal, the others to ``log_dir/shard_<i>.log``. Exit status: 1 if a worker crashed, else 3
+    if images failed in any, else 0.
+    """
+    if launched():
+        raise CytoFuseError("--workers is for a plain command; under msrun each worker takes its shard from its rank")
+    args = strip_workers_flag(argv)
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = _worker_env(workers)
+    procs, logs = [], []
+    for i in range(workers):
+        cmd = [sys.executable, _script(), *args, "--shard", f"{i}/{workers}"]
+        if i == 0:
+            procs.append(subprocess.Popen(cmd, env=env))
+            continue
+        logs.append(open(log_dir / f"shard_{i}.log", "w", encoding="utf-8"))
+        procs.append(subprocess.Popen([*cmd, "--no-progress"], env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    try:
+        codes = _wait(procs)
+    finally:
+        for fh in logs:
+            fh.close()
+    for i, code in enumerate(codes):
+        if code not in (0, 3):
+            where = "above" if i == 0 else str(log_dir / f"shard_{i}.log")
+            print(f"error: worker {i}/{workers} failed (exit {code}); see {where}", file=sys.stderr)
+    return 1 if any(c not in (0, 3) for c in codes) else (3 if 3 in codes else 0)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from cytocore.errors import CytoFuseError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="class names you expect (comma-separated); a classifier trained on others is refused")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for MindSpore (default: all available cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only share I (0..N-1) of N of the images into the same --out; the last share to finish "
+                        "writes the combined outputs (under msrun: rank/size, without this flag)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run N shards as parallel processes on this machine (default 1)")
     p.set_defaults(handler=_infer)
 
 
@@ -37,18 +45,43 @@ def parse_classes(text: str | None) -> list[str] | None:
     return names or None
 
 
+def _print_merged(out: Path, workers: int) -> None:
+    """After ``--workers N``: the whole run's counts, from the ``run.json`` the last shard wrote."""
+    import json
+
+    summary = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    print(f"{workers} workers: {summary['n_done']} of {summary['n_images']} images done, {summary['n_failed']} failed, "
+          f"{summary['n_detections']} detections; wrote {out}")
+
+
 def _infer(args: argparse.Namespace) -> int:
+    from cytocore import distributed
     from cytocore.runfolder import EXIT_SOME_FAILED
+    from cytocore.shards import Shard, shard_from_env
 
     from .pipeline import Pipeline
 
+    if args.workers > 1:
+        if args.shard:
+            raise CytoFuseError("--workers N runs the shards itself; leave out --shard")
+        code = distributed.run_local_shards(args.workers, Path(args.out) / "shard_logs", args.argv)
+        if code in (0, EXIT_SOME_FAILED):
+            _print_merged(Path(args.out), args.workers)
+        return code
+    shard = Shard.parse(args.shard) if args.shard else None
     overrides = list(args.overrides)
     if args.threads is not None:
         overrides.append(f"runtime.threads={int(args.threads)}")
     pipeline = Pipeline(args.seg, args.cls, args.config, classes=parse_classes(args.classes),
                         fusion_file=args.fusion, overrides=overrides)
-    summary = pipeline.run_folder(args.images, args.out, progress=not args.no_progress)
+    shard = shard or shard_from_env()  # after the models load: an msrun worker has joined its job by then
+    summary = pipeline.run_folder(args.images, args.out, progress=not args.no_progress, shard=shard)
     done, failed = summary["n_done"], summary["n_failed"]
+    if "waiting_for" in summary:
+        print(f"shard {shard}: {done} of {summary['n_images']} images done ({summary['n_processed_now']} now), "
+              f"{failed} failed, {summary['n_detections']} detections; the last shard to finish writes the "
+              f"combined outputs to {args.out} (still running: {', '.join(summary['waiting_for'])})")
+        return EXIT_SOME_FAILED if failed else 0
     print(
         f"{done} of {summary['n_images']} images done ({summary['n_processed_now']} now, "
         f"{summary['n_skipped_already_done']} already done), {failed} failed, {summary['n_detections']} detections; "

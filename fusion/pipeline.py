@@ -30,6 +30,7 @@ from cytocore.config import load_config, merge, read_yaml
 from cytocore.detections import Candidates, CandidateSource, Detections, identity_fingerprint
 from cytocore.errors import CytoFuseError, DataError
 from cytocore.runfolder import ImageSource, RunReport, folder_sources, run_images
+from cytocore.shards import Shard, run_shard
 
 from .geometry import box_areas, clip_boxes, shrink_boxes
 from .nms import class_floors, select_detections
@@ -290,20 +291,36 @@ class DetectionSystem:
                            max_pixels=self.config.get("max_pixels"))
 
     def run_sources(self, sources: Iterable[ImageSource], out_dir: PathLike, progress: bool = True,
-                    failed: Sequence[dict] = ()) -> RunReport:
-        """Run these images into ``out_dir`` (layout: :class:`fusion.outputs.DetectionRunWriter`)."""
+                    failed: Sequence[dict] = (), shard: Optional[Shard] = None) -> RunReport:
+        """Run these images into ``out_dir`` (layout: :class:`fusion.outputs.DetectionRunWriter`).
+
+        With a ``shard``, only its share; the last shard to finish writes the combined outputs
+        (:mod:`cytocore.shards`).
+        """
         from .outputs import DetectionRunWriter
 
         writer = DetectionRunWriter(Path(out_dir), self.class_names, self.config, self.settings.floors)
-        return run_images(sources, lambda image, src: self.run_image(image, src.image_id), writer, self.fingerprint(),
-                          read=self.read, failed=failed, progress=progress, desc="infer")
+        process = lambda image, src: self.run_image(image, src.image_id)  # noqa: E731
+        if shard is not None and shard.count > 1:
+            return run_shard(sources, process, writer, self.fingerprint(), shard, read=self.read, failed=failed,
+                             progress=progress, desc="infer")
+        return run_images(sources, process, writer, self.fingerprint(), read=self.read, failed=failed,
+                          progress=progress, desc="infer")
 
-    def run_folder(self, images_dir: PathLike, out_dir: PathLike, progress: bool = True) -> dict:
-        """Run every image of a folder into ``out_dir``; returns the summary also written to ``run.json``."""
+    def run_folder(self, images_dir: PathLike, out_dir: PathLike, progress: bool = True,
+                   shard: Optional[Shard] = None) -> dict:
+        """Run every image of a folder (or a shard's share) into ``out_dir``; returns the summary.
+
+        ``run.json`` holds the summary of the whole run; a shard that is not the last to finish only
+        returns its own (``waiting_for`` names the shards still running).
+        """
         from cytocore import runtime
 
         sources, duplicates = folder_sources(images_dir)
-        run = self.run_sources(sources, out_dir, progress, duplicates)
+        run = self.run_sources(sources, out_dir, progress, duplicates, shard)
+        if run.combined is None:
+            return {**run.summary(), "shard": str(shard), "waiting_for": run.extra.get("waiting_for", []),
+                    "n_detections": sum(int(r.get("n_detections", 0)) for r in run.records.values())}
         summary = {
             "system": self.system,
             "images_dir": str(images_dir),
