@@ -5,6 +5,11 @@ MindSpore and mindcv are imported inside the handlers, so ``cytofuse --help`` st
 from __future__ import annotations
 
 import argparse
+import logging
+
+from cytocore.onnx_backend import add_backend_argument
+
+log = logging.getLogger("cytofuse")
 
 FORMATS = ["auto", "challenge", "voc", "coco", "folders"]
 
@@ -44,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam-stride", type=int, choices=[8, 16, 32], default=None,
                    help="feature map for the heat maps: 32 (default, the last: most class-specific) or 16/8 (finer)")
     p.add_argument("--batch-size", type=int, default=32)
+    add_backend_argument(p)
     p.set_defaults(handler=_predict, parser=p)
 
 
@@ -82,7 +88,11 @@ def _predict(args: argparse.Namespace) -> int:
     from .model_io import load_classifier
     from .predict import predict_crop_folder, predict_image_boxes
 
-    classifier = load_classifier(args.checkpoint)
+    backend = args.backend
+    if args.attribution and backend != "mindspore":
+        log.info("Grad-CAM (--attribution) needs the MindSpore network: classifying with --backend mindspore")
+        backend = "mindspore"
+    classifier = load_classifier(args.checkpoint, backend=backend)
     if args.crops is not None:
         frame = predict_crop_folder(args.crops, classifier, args.out, args.attribution, args.batch_size,
                                     cam_stride=args.cam_stride)

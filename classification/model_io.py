@@ -90,23 +90,34 @@ class Classifier:
         Every batch is padded to ``batch_size`` so the compiled graph is built once, not once per
         distinct remainder.
         """
-        import mindspore as ms
-
         crops = np.asarray(crops)
         if crops.ndim != 4 or crops.shape[-1] != 3:
             raise ValueError(f"expected (N, H, W, 3) crops, got shape {crops.shape}")
         out = np.zeros((len(crops), self.num_classes), np.float32)
         if len(crops) == 0:
             return out
-        self.network.set_train(False)
+        run = self._runner()
         batch_size = max(1, int(batch_size))
+        pad = self._is_mindspore()  # a compiled graph per batch shape; ONNX Runtime takes any batch
         for start in range(0, len(crops), batch_size):
             chunk = to_network_input(crops[start:start + batch_size])
             n = len(chunk)
-            if n < batch_size:
+            if pad and n < batch_size:
                 chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], np.float32)])
-            out[start:start + n] = self.network(ms.Tensor(chunk)).asnumpy()[:n]
+            out[start:start + n] = run(chunk)[:n]
         return out
+
+    def _is_mindspore(self) -> bool:
+        return hasattr(self.network, "construct")
+
+    def _runner(self):
+        """NumPy batch -> NumPy logits, for a MindSpore cell or a NumPy callable (ONNX Runtime)."""
+        if not self._is_mindspore():
+            return lambda chunk: np.asarray(self.network(chunk), np.float32)
+        import mindspore as ms
+
+        self.network.set_train(False)
+        return lambda chunk: self.network(ms.Tensor(chunk)).asnumpy()
 
     def predict_crops(self, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """``(N, K)`` float32 class probabilities of uint8 crops, averaged over the test-time flips."""
@@ -119,16 +130,8 @@ def _meta_error(path: PathLike, what: str) -> CheckpointError:
     return CheckpointError(f"{path}: classification checkpoint metadata is incomplete ({what})")
 
 
-def load_classifier(path: PathLike) -> Classifier:
-    """Load a classification checkpoint written by ``cytofuse cls train``.
-
-    Raises :class:`CheckpointError` naming the file when it is missing, unreadable, from another
-    stage, or its weights do not fit the architecture its metadata names. MindSpore is set up
-    without re-seeding (the weights come from the file, and a library call should not reset the
-    caller's random state).
-    """
-    path = Path(path)
-    params, meta = runtime.load_checkpoint(path)
+def read_classifier_meta(meta: dict, path: PathLike) -> tuple[list[str], ModelConfig, CropConfig]:
+    """Class names, model and crop settings of a checkpoint's metadata; errors name ``path``."""
     stage = meta.get("stage")
     if stage != STAGE:
         found = f"a {stage} checkpoint" if stage else "a checkpoint without CytoFuse metadata"
@@ -141,11 +144,33 @@ def load_classifier(path: PathLike) -> Classifier:
         crop = CropConfig.from_dict(meta.get("crop"))
     except (CytoFuseError, ValueError, TypeError) as exc:
         raise _meta_error(path, str(exc)) from None
-    runtime.setup(seed=None)
+    return list(names), model, crop
+
+
+def load_classifier(path: PathLike, backend: str = "mindspore", threads: Optional[int] = None) -> Classifier:
+    """Load a classification checkpoint written by ``cytofuse cls train``.
+
+    ``backend``: ``mindspore`` runs the checkpoint's network; ``onnxruntime`` its exported ONNX model
+    (beside the checkpoint, exported first when missing or stale: ``classification.export``); ``auto``
+    picks ONNX Runtime when installed. Raises :class:`CheckpointError` naming the file when it is
+    missing, unreadable, from another stage, or its weights do not fit the architecture its metadata
+    names. MindSpore is set up without re-seeding (the weights come from the file, and a library call
+    should not reset the caller's random state).
+    """
+    from cytocore.onnx_backend import resolve_backend
+
+    if resolve_backend(backend) == "onnxruntime":
+        from .export import load_onnx_classifier
+
+        return load_onnx_classifier(path, threads=threads)
+    path = Path(path)
+    params, meta = runtime.load_checkpoint(path)
+    names, model, crop = read_classifier_meta(meta, path)
+    runtime.setup(seed=None, threads=threads)
     network = build_network(model, len(names))
     runtime.load_into(network, params, path, strict=True)
     network.set_train(False)
-    return Classifier(network, list(names), model.head, crop, model, meta, path)
+    return Classifier(network, names, model.head, crop, model, meta, path)
 
 
 # ---------------------------------------------------------------------------- initial weights

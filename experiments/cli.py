@@ -19,7 +19,7 @@ import fusion.cli
 import segmentation.cli
 from cytocore.errors import CytoFuseError
 
-from . import commands, commands_compare, commands_research, fuse_fit
+from . import commands, commands_compare, commands_export, commands_research, fuse_fit
 
 #: Every module that adds subcommands, in the order ``--help`` lists them. Each has ``register``.
 STAGE_CLIS = (
@@ -32,6 +32,7 @@ STAGE_CLIS = (
     fuse_fit,
     commands_compare,
     commands_research,
+    commands_export,
 )
 
 

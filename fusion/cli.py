@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from cytocore.errors import CytoFuseError
+from cytocore.onnx_backend import add_backend_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,13 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusion", default=None, metavar="JSON", help="fusion.json from `cytofuse fuse fit` (rule and box shrink)")
     p.add_argument("--classes", default=None, metavar="A,B,...",
                    help="class names you expect (comma-separated); a classifier trained on others is refused")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for MindSpore (default: all available cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all available cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only share I (0..N-1) of N of the images into the same --out; the last share to finish "
                         "writes the combined outputs (under msrun: rank/size, without this flag)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N shards as parallel processes on this machine (default 1)")
+    add_backend_argument(p)
     p.set_defaults(handler=_infer)
 
 
@@ -72,6 +74,7 @@ def _infer(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.threads is not None:
         overrides.append(f"runtime.threads={int(args.threads)}")
+    overrides.append(f"runtime.backend={args.backend}")
     pipeline = Pipeline(args.seg, args.cls, args.config, classes=parse_classes(args.classes),
                         fusion_file=args.fusion, overrides=overrides)
     shard = shard or shard_from_env()  # after the models load: an msrun worker has joined its job by then

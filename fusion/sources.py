@@ -25,21 +25,21 @@ def checkpoint_identity(path: Path, model: Any) -> dict:
     return {"path": str(path), "sha256": sha256_file(path), "meta": _json_safe(getattr(model, "meta", {}))}
 
 
-def load_segmenter(path: PathLike, option: str = "--seg") -> Any:
-    """A segmentation checkpoint, with a load error naming the command-line option it came from."""
+def load_segmenter(path: PathLike, option: str = "--seg", backend: str = "mindspore", threads: Optional[int] = None) -> Any:
+    """A segmentation checkpoint (run by ``backend``), with a load error naming the command-line option it came from."""
     from segmentation.model_io import load_segmenter as load
 
     try:
-        return load(path)
+        return load(path, threads=threads, backend=backend)
     except CheckpointError as exc:
         raise CheckpointError(f"segmentation checkpoint ({option}): {exc}") from None
 
 
-def load_classifier(path: PathLike, option: str = "--cls") -> Any:
+def load_classifier(path: PathLike, option: str = "--cls", backend: str = "mindspore", threads: Optional[int] = None) -> Any:
     from classification.model_io import load_classifier as load
 
     try:
-        return load(path)
+        return load(path, backend=backend, threads=threads)
     except CheckpointError as exc:
         raise CheckpointError(f"classifier checkpoint ({option}): {exc}") from None
 
@@ -65,11 +65,14 @@ class TwoStageSource:
     @classmethod
     def load(cls, seg_checkpoint: PathLike, cls_checkpoint: PathLike, config: Mapping[str, Any],
              classes: Optional[Sequence[str]] = None) -> "TwoStageSource":
-        """Both checkpoints, checked against the expected ``classes``, with the config's settings resolved."""
+        """Both checkpoints, checked against the expected ``classes``, with the config's settings resolved;
+        run by the config's ``runtime.backend`` (ONNX Runtime: the models exported beside the checkpoints)."""
         from segmentation.predict import resolve_settings
 
-        segmenter = load_segmenter(seg_checkpoint)
-        classifier = load_classifier(cls_checkpoint)
+        rt = config.get("runtime") or {}
+        backend, threads = str(rt.get("backend") or "mindspore"), rt.get("threads")
+        segmenter = load_segmenter(seg_checkpoint, backend=backend, threads=threads)
+        classifier = load_classifier(cls_checkpoint, backend=backend, threads=threads)
         names = list(classifier.class_names)
         if classes is not None:
             expected = [str(c) for c in classes]

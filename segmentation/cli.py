@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from cytocore.onnx_backend import add_backend_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     seg = sub.add_parser("seg", help="segmentation stage: train the U-Net, predict probability maps and cells")
@@ -36,6 +38,7 @@ def add_actions(seg_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML with optional `predict:` and `postprocess:` sections")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. --set predict.tta=flip --set postprocess.threshold=0.4 (repeatable)")
+    add_backend_argument(p)
     p.set_defaults(handler=_predict)
 
     c = seg_sub.add_parser("ceiling", help="metric ceiling: perfect network outputs from the annotations through the "
@@ -92,10 +95,12 @@ def predict_settings(config: Optional[str], overrides: Sequence[str]) -> tuple[d
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .model_io import load_segmenter
     from .predict import segment_folder
 
     predict_cfg, post_cfg = predict_settings(args.config, args.overrides)
-    run = segment_folder(args.checkpoint, args.images, args.out, predict_cfg=predict_cfg or None,
+    segmenter = load_segmenter(args.checkpoint, backend=getattr(args, "backend", "mindspore"))
+    run = segment_folder(segmenter, args.images, args.out, predict_cfg=predict_cfg or None,
                          post_cfg=post_cfg or None, progress=True)
     table = run.combined
     print(f"{run.n_done} of {run.n_images} images done ({run.n_processed_now} now, {run.n_skipped} already done), "

@@ -39,18 +39,21 @@ class Segmenter:
     threshold: float = 0.5
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """NCHW float32 (normalised by ``to_network_input``) → NCHW logits as NumPy."""
-        import mindspore as ms
+        """NCHW float32 (normalised by ``to_network_input``) → NCHW logits as NumPy (either backend)."""
+        from .predict import model_info
 
         n, _, h, w = batch.shape
         if h % self.multiple or w % self.multiple:
             raise CytoFuseError(f"input tiles are {h}x{w} but this U-Net needs multiples of {self.multiple}")
-        return self.network(ms.Tensor(np.ascontiguousarray(batch, np.float32))).asnumpy()
+        return model_info(self.network).fn(np.ascontiguousarray(batch, np.float32))
 
     @property
     def instance_channels(self) -> int:
-        """Trailing output channels that are the instance head (0 for models without one)."""
-        return int(getattr(self.network, "instance_channels", 0) or 0)
+        """Trailing output channels that are the instance head (0 for models without one); from the
+        network, or the checkpoint's model block when the network is an ONNX Runtime session."""
+        from .predict import instance_channels_of
+
+        return instance_channels_of(self.network, self.meta)
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Sigmoid (binary) or softmax over channels (classes) of :meth:`logits`; the instance-head
@@ -82,20 +85,8 @@ def segmenter_from_meta(meta: dict, path: PathLike = "<checkpoint>") -> tuple[An
     return network, model_cfg
 
 
-def load_segmenter(path: PathLike, mode: str = "graph", threads: Optional[int] = None) -> Segmenter:
-    """Read a segmentation checkpoint into a :class:`Segmenter` (network in eval mode).
-
-    Raises :class:`CheckpointError` (one line naming the file) when the file is missing, is not a
-    MindSpore checkpoint, is another stage's checkpoint, or its weights do not fit its model.
-    """
-    from cytocore import runtime
-
-    path = Path(path)
-    runtime.setup(seed=None, threads=threads, mode=mode)
-    params, meta = runtime.load_checkpoint(path)
-    network, model_cfg = segmenter_from_meta(meta, path)
-    runtime.load_into(network, params, path, strict=True)
-    network.set_train(False)
+def segmenter_settings(meta: dict, model_cfg: dict, network: Any, path: PathLike, multiple: Optional[int] = None) -> dict:
+    """The :class:`Segmenter` fields a checkpoint's metadata sets (shared by both backends)."""
     out_channels = int(model_cfg.get("out_channels", 1))
     class_names = [str(c) for c in meta.get("class_names") or []]
     seg_mode = meta.get("mode", "binary" if out_channels == 1 else "classes")
@@ -103,14 +94,36 @@ def load_segmenter(path: PathLike, mode: str = "graph", threads: Optional[int] =
         raise CheckpointError(
             f"{path}: {out_channels} output channels but {len(class_names)} class names (expected K+1 channels)"
         )
-    return Segmenter(
-        network=network,
-        meta=meta,
-        scale=float(meta.get("scale") or 1.0),
-        out_channels=out_channels,
-        class_names=class_names,
-        mode=seg_mode,
-        multiple=int(getattr(network, "multiple", 1)),
-        path=path,
-        threshold=float(meta.get("threshold", 0.5)),
-    )
+    return {
+        "scale": float(meta.get("scale") or 1.0),
+        "out_channels": out_channels,
+        "class_names": class_names,
+        "mode": seg_mode,
+        "multiple": int(multiple if multiple is not None else getattr(network, "multiple", 1)),
+        "threshold": float(meta.get("threshold", 0.5)),
+    }
+
+
+def load_segmenter(path: PathLike, mode: str = "graph", threads: Optional[int] = None, backend: str = "mindspore") -> Segmenter:
+    """Read a segmentation checkpoint into a :class:`Segmenter` (network in eval mode).
+
+    ``backend``: ``mindspore`` runs the checkpoint's network; ``onnxruntime`` its exported ONNX model
+    (beside the checkpoint, exported first when missing or stale: ``segmentation.export``); ``auto``
+    picks ONNX Runtime when installed. Raises :class:`CheckpointError` (one line naming the file) when
+    the file is missing, is not a MindSpore checkpoint, is another stage's checkpoint, or its weights
+    do not fit its model.
+    """
+    from cytocore import runtime
+    from cytocore.onnx_backend import resolve_backend
+
+    if resolve_backend(backend) == "onnxruntime":
+        from .export import load_onnx_segmenter
+
+        return load_onnx_segmenter(path, threads=threads)
+    path = Path(path)
+    runtime.setup(seed=None, threads=threads, mode=mode)
+    params, meta = runtime.load_checkpoint(path)
+    network, model_cfg = segmenter_from_meta(meta, path)
+    runtime.load_into(network, params, path, strict=True)
+    network.set_train(False)
+    return Segmenter(network=network, meta=meta, path=path, **segmenter_settings(meta, model_cfg, network, path))

@@ -46,6 +46,7 @@ from cytocore.config import merge
 from cytocore.detections import Candidates, identity_fingerprint
 from cytocore.errors import CytoFuseError, DataError
 from cytocore.imageio import DEFAULT_MAX_PIXELS, probability_to_uint8
+from cytocore.prefetch import prefetch
 from cytocore.preprocess import to_network_input
 from cytocore.tiling import TileGrid, gaussian_importance_map, reflect_indices, tile_grid
 
@@ -72,6 +73,7 @@ DEFAULT_PREDICT: dict = {
     "activation": "auto",  # auto (1 channel: sigmoid, more: softmax) | sigmoid | softmax | none
     "dtype": "auto",  # probability plane dtype: float32 | float16 | uint8 | auto (see float_max_pixels)
     "float_max_pixels": 16_000_000,  # auto: float32 planes up to this many pixels, uint8 above
+    "prefetch": 0,  # tile batches prepared ahead on a background thread while the network runs (0: none)
     "progress": False,  # tqdm bar over tiles (predict_folder always shows one over images)
 }
 
@@ -365,6 +367,21 @@ def _tile_batches(source: _ScaledImage, grid: TileGrid, batch_size: int) -> Iter
         yield positions, np.stack(tiles)
 
 
+def _network_batches(source: _ScaledImage, grid: TileGrid, batch_size: int, pad_batch: str) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+    """``(positions, normalised float32 NCHW batch)``, padded as :func:`padded_batch_size` says.
+
+    Everything before the network (reading and resizing strips, cutting and normalising tiles), so a
+    background thread can prepare the next batch while the network runs (``predict.prefetch``).
+    """
+    for positions, tiles in _tile_batches(source, grid, batch_size):
+        n = len(positions)
+        batch = to_network_input(tiles)
+        padded = padded_batch_size(n, batch_size, pad_batch)
+        if padded > n:
+            batch = np.concatenate([batch, np.zeros((padded - n,) + batch.shape[1:], np.float32)])
+        yield positions, batch
+
+
 def padded_batch_size(n: int, batch_size: int, pad_batch: str) -> int:
     """Tiles actually sent for a batch of ``n`` real tiles.
 
@@ -512,12 +529,9 @@ def predict_probability(
     blender: Optional[_StripBlender] = None
     done = 0
     bar = tqdm(total=len(grid), desc="tiles", unit="tile", disable=not cfg["progress"], leave=False)
-    for positions, tiles in _tile_batches(_ScaledImage(image, net_shape), grid, batch_size):
+    batches = _network_batches(_ScaledImage(image, net_shape), grid, batch_size, cfg["pad_batch"])
+    for positions, batch in prefetch(batches, depth=int(cfg["prefetch"])):
         n = len(positions)
-        batch = to_network_input(tiles)
-        padded = padded_batch_size(n, batch_size, cfg["pad_batch"])
-        if padded > n:
-            batch = np.concatenate([batch, np.zeros((padded - n,) + batch.shape[1:], np.float32)])
         probs = _predict_batch(info.fn, batch, cfg, info.instance_channels)[:n]
         if blender is None:
             writer.set_channels(probs.shape[1])

@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seg-scale", type=float, default=0.5, help="scale of the untrained segmenter (as trained by default)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="fusion config override")
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "mindspore"], default="mindspore",
+                        help="inference engine of both networks (onnxruntime: exported first, not timed)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -65,14 +67,16 @@ def main(argv=None) -> int:
     from cytosynth.scene import render_image
     from fusion.pipeline import Pipeline
 
-    runtime.setup(seed=0, threads=args.threads)
+    seg, cls = (args.seg, args.cls)
+    if args.backend == "mindspore" or seg is None or cls is None:
+        runtime.setup(seed=0, threads=args.threads)  # ONNX Runtime on given checkpoints never imports MindSpore
     rss_start = _peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
-        seg, cls = (args.seg, args.cls)
         trained = seg is not None and cls is not None
         if not trained:
             seg, cls = _untrained_checkpoints(Path(tmp), args.seg_scale)
-        pipeline = Pipeline(seg, cls, overrides=[*args.overrides, f"runtime.threads={args.threads}"])
+        pipeline = Pipeline(seg, cls, overrides=[*args.overrides, f"runtime.threads={args.threads}",
+                                                  f"runtime.backend={args.backend}"])
         rng = np.random.default_rng(0)
         frames = [render_image(rng, args.size, args.size, healthy=False)[0] for _ in range(args.images + 1)]
         rss_loaded = _peak_rss_mb()
@@ -91,6 +95,7 @@ def main(argv=None) -> int:
     figures = {
         "image_size": f"{args.size}x{args.size}",
         "threads": args.threads,
+        "backend": args.backend,
         "checkpoints": "given" if trained else "untrained unet_small (scale %.2f) + efficientnet_b0" % args.seg_scale,
         "images_timed": len(per_image),
         "seconds_per_image_median": round(statistics.median(per_image), 3),
