@@ -665,16 +665,18 @@ def segment_image(
     ``settings`` are used as given (resolved once by the caller); without them, ``predict_cfg`` and
     ``post_cfg`` are completed from the checkpoint and the defaults (:func:`resolve_settings`).
     ``out``/``class_out``/``instance_out`` may be ``np.memmap`` planes for images that do not fit in
-    memory as float. ``labels_out``: ``True`` allocates an int32 label plane, ``False``/``None``
-    skips it, an H×W integer array (or memmap) of zeros receives it.
+    memory as float. ``labels_out``: ``True`` allocates an int32 label plane (images up to
+    ``predict.float_max_pixels``; larger ones need a caller's memmap), ``False``/``None`` skips it, an
+    H×W integer array (or memmap) of zeros receives it, written block by block.
     """
     info = model if isinstance(model, ModelInfo) else model_info(model)
     if settings is None:
         settings = resolve_settings(info, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
     post = settings.postprocess
     maps = predict_probability(image, info, settings.predict, out=out, class_out=class_out, instance_out=instance_out)
-    if labels_out is True:
-        labels_out = np.zeros(maps.saliency.shape, np.int32)
+    if labels_out is True:  # in memory up to the size that gets float planes; pass a memmap beyond that
+        big = maps.saliency.size > int(settings.predict["float_max_pixels"])
+        labels_out = None if big else np.zeros(maps.saliency.shape, np.int32)
     elif labels_out is False:
         labels_out = None
     if maps.class_maps is None:
