@@ -772,6 +772,7 @@ def segment_folder(
     post_cfg: Optional[dict] = None,
     progress: bool = True,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    shard: Optional[Any] = None,
 ) -> "RunReport":
     """Segment every image in ``images_dir`` into ``out_dir`` (layout: :mod:`segmentation.outputs`).
 
@@ -779,18 +780,23 @@ def segment_folder(
     settings (another checkpoint redoes every image), unreadable images reported in one warning line
     and skipped, no stale file of a failed or redone image left. ``instances.csv`` is rebuilt from
     the per-image CSVs every run, so it is always complete; it is the report's ``combined`` table.
+    With a ``shard`` (:class:`cytocore.shards.Shard`) only its share; the last share to finish writes
+    ``instances.csv`` (``combined`` is None for the others).
     """
-    from cytocore.runfolder import folder_sources, run_images
+    from cytocore.runfolder import folder_sources
+    from cytocore.shards import run_share
 
     from .outputs import SegmentationRunWriter
 
     source = SegmentationSource.load(checkpoint_or_segmenter, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
     sources, duplicates = folder_sources(images_dir)
     writer = SegmentationRunWriter(Path(out_dir))
-    run = run_images(
-        sources, lambda image, src: source.candidates(image), writer, identity_fingerprint(source.identity()),
+    run = run_share(
+        sources, lambda image, src: source.candidates(image), writer, identity_fingerprint(source.identity()), shard,
         read=lambda src: src.read(max_pixels=max_pixels), failed=duplicates, progress=progress, desc="seg predict",
     )
+    if run.combined is None:
+        return run
     log.info(
         "seg predict: %d image(s) segmented, %d already done, %d skipped (unreadable or duplicate id); %d instances in %s",
         run.n_processed_now, run.n_skipped, len(run.failed), len(run.combined), Path(out_dir) / "instances.csv",
