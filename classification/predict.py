@@ -24,13 +24,27 @@ PathLike = Union[str, Path]
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
-def classify_boxes(image: np.ndarray, boxes_xyxy: np.ndarray, classifier: Any, batch_size: int = 32) -> np.ndarray:
-    """``(N, K)`` float32 class probabilities of pixel xyxy boxes in an RGB uint8 image (``(0, K)`` for none)."""
+#: Boxes cropped at a time by :func:`classify_boxes`: a large field holds tens of thousands of
+#: objects, and all their crops (with their test-time flips) would take gigabytes at once.
+CHUNK_BOXES = 512
+
+
+def classify_boxes(image: np.ndarray, boxes_xyxy: np.ndarray, classifier: Any, batch_size: int = 32,
+                   chunk: int = CHUNK_BOXES) -> np.ndarray:
+    """``(N, K)`` float32 class probabilities of pixel xyxy boxes in an RGB uint8 image (``(0, K)`` for none).
+
+    Crops are cut and classified ``chunk`` boxes at a time (a whole number of batches, so only the
+    last batch of the image is padded), which bounds memory by the chunk, not the image.
+    """
     boxes = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
     if len(boxes) == 0:
         return np.zeros((0, classifier.num_classes), np.float32)
-    crops = extract_crops(image, boxes, classifier.crop)
-    return classifier.predict_crops(crops, batch_size)
+    batch_size = max(1, int(batch_size))
+    step = max(batch_size, int(chunk) // batch_size * batch_size)
+    return np.concatenate([
+        classifier.predict_crops(extract_crops(image, boxes[s:s + step], classifier.crop), batch_size)
+        for s in range(0, len(boxes), step)
+    ])
 
 
 def whole_image_crop(image: np.ndarray, classifier: Any) -> np.ndarray:

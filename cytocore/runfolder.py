@@ -35,6 +35,7 @@ import numpy as np
 from .atomic import write_json
 from .errors import CytoFuseError, DataError
 from .imageio import DEFAULT_MAX_PIXELS, list_images, probability_to_uint8, read_image, write_png
+from .planes import release
 
 log = logging.getLogger("cytofuse")
 
@@ -240,6 +241,7 @@ def run_images(
 def write_saliency(path: Path, plane: np.ndarray) -> None:
     """The probability map as an 8-bit PNG (float maps in [0, 1] are scaled; uint8 maps are 0..255 already)."""
     write_png(path, plane if plane.dtype == np.uint8 else probability_to_uint8(plane))
+    release(plane)  # a disk plane (huge image): the pages the encoder read
 
 
 def _one_line(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cytocore.atomic import write_json, write_with
+from cytocore.planes import release
 
 PathLike = Union[str, Path]
 
@@ -222,28 +223,31 @@ def render_overlay(
     from PIL import Image, ImageDraw, ImageFont
 
     base = np.asarray(image, np.uint8)
+    if base.ndim == 3 and base.shape[2] > 3:
+        base = base[..., :3]
     height, width = base.shape[:2]
     scale = 1.0
     if max_side is not None and max(height, width) > max_side:
         scale = max_side / float(max(height, width))
-    canvas = Image.fromarray(base).convert("RGB")
-    prob = None
-    if probability is not None:
-        plane = np.asarray(probability)
-        if scale != 1.0:
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            canvas = canvas.resize(size, Image.BILINEAR)
-            small = Image.fromarray(plane if plane.dtype == np.uint8 else plane.astype(np.float32))  # mode L or F
-            plane = np.asarray(small.resize(size, Image.BILINEAR))
-        prob = plane.astype(np.float32) / 255.0 if plane.dtype == np.uint8 else np.clip(plane.astype(np.float32), 0.0, 1.0)
-    elif scale != 1.0:
-        canvas = canvas.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
-    if prob is not None and heatmap_alpha > 0:
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    lut = None
+    if probability is not None and heatmap_alpha > 0:
         lut = (colormaps[colormap](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)  # 256-entry table
-        heat = lut[np.round(prob * 255.0).astype(np.uint8)]
-        alpha = (heatmap_alpha * prob)[..., None]
-        blended = np.asarray(canvas, np.float32) * (1.0 - alpha) + heat * alpha
-        canvas = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+    # Drawn in row strips of the output: memory is the overlay plus a strip, never a float copy of
+    # the image (a 8192x8192 field would otherwise need gigabytes for a 4096-pixel picture).
+    out = np.empty((size[1], size[0], 3), np.uint8)
+    for a in range(0, size[1], OVERLAY_STRIP_ROWS):
+        b = min(size[1], a + OVERLAY_STRIP_ROWS)
+        rows = _scaled_rows(base, size, a, b)
+        if lut is not None:
+            prob = _probability_rows(np.asarray(probability), size, a, b)
+            heat = lut[np.round(prob * 255.0).astype(np.uint8)]
+            alpha = (heatmap_alpha * prob)[..., None]
+            rows = np.clip(rows.astype(np.float32) * (1.0 - alpha) + heat * alpha + 0.5, 0, 255).astype(np.uint8)
+        out[a:b] = rows
+        release(probability)  # a disk plane's pages, read for this strip
+    canvas = Image.fromarray(out)
+    del out
 
     draw = ImageDraw.Draw(canvas)
     short = min(canvas.size)
@@ -277,6 +281,45 @@ def render_overlay(
                     draw.text((tx + 2 - left, ty + 2 - top), text, fill=_text_colour(colour), font=font)
                     break
     return np.asarray(canvas)
+
+
+#: Output rows of an overlay computed at a time.
+OVERLAY_STRIP_ROWS = 256
+
+
+def _source_rows(length: int, out_length: int, a: int, b: int) -> tuple[int, int]:
+    """Source rows ``[lo, hi)`` that output rows ``[a, b)`` of a resize to ``out_length`` read (with slack)."""
+    f = length / out_length
+    return max(0, int(np.floor(a * f)) - 2 - int(np.ceil(f))), min(length, int(np.ceil(b * f)) + 2 + int(np.ceil(f)))
+
+
+def _resize_rows(src: np.ndarray, size: tuple[int, int], a: int, b: int) -> np.ndarray:
+    """Rows ``[a, b)`` of ``src`` resized to ``size`` (w, h), reading only the source rows they need."""
+    from PIL import Image
+
+    height, width = src.shape[:2]
+    if (width, height) == size:
+        return np.asarray(src[a:b])
+    lo, hi = _source_rows(height, size[1], a, b)
+    fy = height / size[1]
+    box = (0.0, a * fy - lo, float(width), b * fy - lo)
+    part = np.ascontiguousarray(src[lo:hi])
+    mode = None if part.dtype == np.uint8 else "F"
+    return np.asarray(Image.fromarray(part if mode is None else part.astype(np.float32), mode).resize(
+        (size[0], b - a), Image.BILINEAR, box=box))
+
+
+def _scaled_rows(image: np.ndarray, size: tuple[int, int], a: int, b: int) -> np.ndarray:
+    rows = _resize_rows(image, size, a, b)
+    return rows if rows.ndim == 3 else np.repeat(rows[..., None], 3, axis=2)
+
+
+def _probability_rows(probability: np.ndarray, size: tuple[int, int], a: int, b: int) -> np.ndarray:
+    """Rows of the probability map at the overlay's size as float32 in [0, 1] (uint8 maps are 0..255)."""
+    rows = _resize_rows(probability, size, a, b)
+    if probability.dtype == np.uint8:
+        return rows.astype(np.float32) / 255.0
+    return np.clip(rows.astype(np.float32), 0.0, 1.0)
 
 
 def _overlaps(a: Sequence[float], b: Sequence[float]) -> bool:

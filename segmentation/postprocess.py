@@ -43,9 +43,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from skimage import feature, morphology, segmentation
+from skimage import feature, measure, morphology, segmentation
 
 from cytocore.config import merge
+from cytocore.planes import release
 from cytocore.errors import CytoFuseError
 
 log = logging.getLogger("cytofuse")
@@ -64,7 +65,7 @@ DEFAULT_POSTPROCESS: dict = {
     "h": 2.0,  # h_maxima: a centre must rise this many px of distance above its saddle
     "smooth_sigma": 1.0,  # Gaussian sigma on the distance map before finding centres; 0 = none
     "connectivity": 1,  # 1 = 4-neighbours, 2 = 8-neighbours (components, holes, watershed)
-    "block_size": 2048,  # maps larger than this are processed in blocks of this size (px) ...
+    "block_size": 1024,  # maps larger than this are processed in blocks of this size (px): memory per block ...
     "block_margin": 128,  # ... with this much context on each side: > the largest cell diameter
     "multiclass": "per_class",  # K+1 maps: per_class components, or foreground components + class means
 }
@@ -219,36 +220,21 @@ def instances_from_labels(
     ``extra`` maps column names to planes whose mean inside each instance becomes a column
     (the class probabilities of a multi-class model).
     """
-    # SciPy's C loops rather than regionprops (a Python object per region): an untrained or noisy
-    # head can give thousands of fragments per block, and validation runs this every epoch.
-    labels = np.asarray(labels)
-    slices = ndi.find_objects(labels)
-    ids = np.asarray([i + 1 for i, sl in enumerate(slices) if sl is not None], np.int64)
-    where = np.flatnonzero(labels)  # the sums run over object pixels only
-    owner = labels.ravel()[where]
-    n = len(slices) + 1
-    area = np.bincount(owner, minlength=n)
-    values = np.asarray(probability, np.float64).ravel()[where]
-    peak = np.full(n, -np.inf)
-    np.maximum.at(peak, owner, values)
-    safe = np.maximum(area, 1)
-    cy = np.bincount(owner, weights=where // labels.shape[1], minlength=n) / safe
-    cx = np.bincount(owner, weights=where % labels.shape[1], minlength=n) / safe
-    mean = np.bincount(owner, weights=values, minlength=n) / safe
-    boxes = np.asarray([[sl[1].start, sl[0].start, sl[1].stop, sl[0].stop] for sl in slices if sl is not None],
-                       np.int64).reshape(-1, 4)
+    props = measure.regionprops_table(
+        labels, intensity_image=probability, properties=("label", "bbox", "area", "centroid", "intensity_mean", "intensity_max")
+    )
     df = pd.DataFrame(
         {
-            "x0": boxes[:, 0],
-            "y0": boxes[:, 1],
-            "x1": boxes[:, 2],
-            "y1": boxes[:, 3],
-            "area": area[ids].astype(np.int64),
-            "seg_mean": mean[ids],
-            "seg_max": peak[ids],
-            "label_id": ids,
-            "cx": cx[ids],
-            "cy": cy[ids],
+            "x0": props["bbox-1"].astype(np.int64),
+            "y0": props["bbox-0"].astype(np.int64),
+            "x1": props["bbox-3"].astype(np.int64),
+            "y1": props["bbox-2"].astype(np.int64),
+            "area": props["area"].astype(np.int64),
+            "seg_mean": props["intensity_mean"].astype(np.float64),
+            "seg_max": props["intensity_max"].astype(np.float64),
+            "label_id": props["label"].astype(np.int64),
+            "cx": props["centroid-1"],
+            "cy": props["centroid-0"],
         }
     )
     for name, plane in (extra or {}).items():
@@ -279,12 +265,18 @@ def _write_labels(labels_out: np.ndarray, window: tuple[slice, slice], local: np
     free = (painted > 0) & (target == 0)
     target[free] = painted[free]
     labels_out[window] = target
+    release(labels_out)
 
 
-def _renumber(labels_out: np.ndarray, lut: np.ndarray, rows: int = 1024) -> None:
-    """Map provisional ids to final ids in row strips (a memmap plane is never loaded whole)."""
+def _renumber(labels_out: np.ndarray, lut: np.ndarray, rows: int = 256) -> None:
+    """Map provisional ids to final ids in row strips (a memmap plane is never loaded whole).
+
+    The table is cast to the plane's dtype first, so a strip costs its own size, not 64-bit copies.
+    """
+    lut = lut.astype(labels_out.dtype, copy=False) if np.issubdtype(labels_out.dtype, np.integer) else lut
     for a in range(0, labels_out.shape[0], rows):
-        labels_out[a:a + rows] = lut[np.asarray(labels_out[a:a + rows], np.int64)]
+        labels_out[a:a + rows] = lut[labels_out[a:a + rows]]
+        release(labels_out)
 
 
 def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, slice]], Block],
@@ -371,7 +363,9 @@ def find_instances(probability: np.ndarray, cfg: Optional[dict] = None, instance
 
     def process(window: tuple[slice, slice]) -> Block:
         prob = as_probability(probability[window])
-        labels = label_mask(prob >= cfg["threshold"], cfg, None if head is None else as_probability(head[window]))
+        hmap = None if head is None else as_probability(head[window])
+        release(probability, head)  # disk planes: the block is copied, the pages can go
+        labels = label_mask(prob >= cfg["threshold"], cfg, hmap)
         return instances_from_labels(labels, prob), labels
 
     return _blockwise(probability.shape, cfg, process, labels_out)
@@ -419,6 +413,7 @@ def find_class_instances(
     def process(window: tuple[slice, slice]) -> Block:
         maps = as_probability(class_maps[(slice(None),) + window])
         hmap = None if head is None else as_probability(head[window])
+        release(class_maps, head)
         fg = 1.0 - maps[0]
         mask = fg >= cfg["threshold"]
         extra = {col: maps[i + 1] for i, col in enumerate(columns)}

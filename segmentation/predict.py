@@ -46,6 +46,8 @@ from cytocore.config import merge
 from cytocore.detections import Candidates, identity_fingerprint
 from cytocore.errors import CytoFuseError, DataError
 from cytocore.imageio import DEFAULT_MAX_PIXELS, probability_to_uint8
+from cytocore.planes import plane as zeros_plane
+from cytocore.planes import release
 from cytocore.prefetch import prefetch
 from cytocore.preprocess import to_network_input
 from cytocore.tiling import TileGrid, gaussian_importance_map, reflect_indices, tile_grid
@@ -72,7 +74,7 @@ DEFAULT_PREDICT: dict = {
     "scale": None,  # resize factor before the network; null = the model's own scale (1 if none)
     "activation": "auto",  # auto (1 channel: sigmoid, more: softmax) | sigmoid | softmax | none
     "dtype": "auto",  # probability plane dtype: float32 | float16 | uint8 | auto (see float_max_pixels)
-    "float_max_pixels": 16_000_000,  # auto: float32 planes up to this many pixels, uint8 above
+    "float_max_pixels": 16_000_000,  # auto: float32 planes in memory up to this many pixels, uint8 disk planes above
     "prefetch": 0,  # tile batches prepared ahead on a background thread while the network runs (0: none)
     "progress": False,  # tqdm bar over tiles (predict_folder always shows one over images)
 }
@@ -411,6 +413,7 @@ def _write_rows(plane: np.ndarray, a: int, values: np.ndarray) -> None:
         plane[..., a:b, :] = probability_to_uint8(values)
     else:
         plane[..., a:b, :] = values.astype(plane.dtype, copy=False)
+    release(plane)  # a disk plane keeps the rows, not the memory
 
 
 @dataclass
@@ -449,9 +452,10 @@ class _PlaneWriter:
 
     def __init__(self, shape: tuple[int, int], net_shape: tuple[int, int], dtype: np.dtype,
                  out: Optional[np.ndarray], class_out: Optional[np.ndarray], instance_channels: int = 0,
-                 instance_out: Optional[np.ndarray] = None) -> None:
+                 instance_out: Optional[np.ndarray] = None, disk_min_pixels: Optional[int] = None) -> None:
+        self.disk_min_pixels = disk_min_pixels
         if out is None:
-            out = np.empty(shape, dtype)
+            out = self._plane(shape, dtype)
         elif out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}")
         self.shape, self.dtype, self.out, self.class_out = shape, dtype, out, class_out
@@ -460,10 +464,14 @@ class _PlaneWriter:
         if self.heads:
             want = (self.heads, *shape)
             if self.instance_out is None:
-                self.instance_out = np.empty(want, dtype)
+                self.instance_out = self._plane(want, dtype)
             elif self.instance_out.shape != want:
                 raise ValueError(f"instance_out has shape {self.instance_out.shape}, expected {want}")
         self.resampler = None if net_shape == shape else _RowResampler(net_shape, shape)
+
+    def _plane(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        """A new output plane: in memory for ordinary images, a disk plane for huge ones."""
+        return zeros_plane(shape, dtype, self.disk_min_pixels)
 
     def set_channels(self, channels: int) -> None:
         channels -= self.heads
@@ -471,7 +479,7 @@ class _PlaneWriter:
             return
         want = (channels, *self.shape)
         if self.class_out is None:
-            self.class_out = np.empty(want, self.dtype)
+            self.class_out = self._plane(want, self.dtype)
         elif self.class_out.shape != want:
             raise ValueError(f"class_out has shape {self.class_out.shape}, expected {want}")
 
@@ -525,7 +533,7 @@ def predict_probability(
     weight = gaussian_importance_map(grid.core_shape, float(cfg["sigma_scale"]))
     (ch, cw), (my, mx) = grid.core_shape, grid.context
     writer = _PlaneWriter(shape, net_shape, _plane_dtype(cfg, shape[0] * shape[1]), out, class_out,
-                          info.instance_channels, instance_out)
+                          info.instance_channels, instance_out, disk_min_pixels=int(cfg["float_max_pixels"]))
     blender: Optional[_StripBlender] = None
     done = 0
     bar = tqdm(total=len(grid), desc="tiles", unit="tile", disable=not cfg["progress"], leave=False)
@@ -665,18 +673,16 @@ def segment_image(
     ``settings`` are used as given (resolved once by the caller); without them, ``predict_cfg`` and
     ``post_cfg`` are completed from the checkpoint and the defaults (:func:`resolve_settings`).
     ``out``/``class_out``/``instance_out`` may be ``np.memmap`` planes for images that do not fit in
-    memory as float. ``labels_out``: ``True`` allocates an int32 label plane (images up to
-    ``predict.float_max_pixels``; larger ones need a caller's memmap), ``False``/``None`` skips it, an
-    H×W integer array (or memmap) of zeros receives it, written block by block.
+    memory as float. ``labels_out``: ``True`` allocates an int32 label plane, ``False``/``None``
+    skips it, an H×W integer array (or memmap) of zeros receives it.
     """
     info = model if isinstance(model, ModelInfo) else model_info(model)
     if settings is None:
         settings = resolve_settings(info, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
     post = settings.postprocess
     maps = predict_probability(image, info, settings.predict, out=out, class_out=class_out, instance_out=instance_out)
-    if labels_out is True:  # in memory up to the size that gets float planes; pass a memmap beyond that
-        big = maps.saliency.size > int(settings.predict["float_max_pixels"])
-        labels_out = None if big else np.zeros(maps.saliency.shape, np.int32)
+    if labels_out is True:
+        labels_out = zeros_plane(maps.saliency.shape, np.int32, int(settings.predict["float_max_pixels"]))
     elif labels_out is False:
         labels_out = None
     if maps.class_maps is None:
@@ -772,7 +778,6 @@ def segment_folder(
     post_cfg: Optional[dict] = None,
     progress: bool = True,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-    shard: Optional[Any] = None,
 ) -> "RunReport":
     """Segment every image in ``images_dir`` into ``out_dir`` (layout: :mod:`segmentation.outputs`).
 
@@ -780,23 +785,18 @@ def segment_folder(
     settings (another checkpoint redoes every image), unreadable images reported in one warning line
     and skipped, no stale file of a failed or redone image left. ``instances.csv`` is rebuilt from
     the per-image CSVs every run, so it is always complete; it is the report's ``combined`` table.
-    With a ``shard`` (:class:`cytocore.shards.Shard`) only its share; the last share to finish writes
-    ``instances.csv`` (``combined`` is None for the others).
     """
-    from cytocore.runfolder import folder_sources
-    from cytocore.shards import run_share
+    from cytocore.runfolder import folder_sources, run_images
 
     from .outputs import SegmentationRunWriter
 
     source = SegmentationSource.load(checkpoint_or_segmenter, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
     sources, duplicates = folder_sources(images_dir)
     writer = SegmentationRunWriter(Path(out_dir))
-    run = run_share(
-        sources, lambda image, src: source.candidates(image), writer, identity_fingerprint(source.identity()), shard,
+    run = run_images(
+        sources, lambda image, src: source.candidates(image), writer, identity_fingerprint(source.identity()),
         read=lambda src: src.read(max_pixels=max_pixels), failed=duplicates, progress=progress, desc="seg predict",
     )
-    if run.combined is None:
-        return run
     log.info(
         "seg predict: %d image(s) segmented, %d already done, %d skipped (unreadable or duplicate id); %d instances in %s",
         run.n_processed_now, run.n_skipped, len(run.failed), len(run.combined), Path(out_dir) / "instances.csv",

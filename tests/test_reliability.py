@@ -209,3 +209,67 @@ def test_cls_train_failing_before_its_first_epoch_leaves_no_run_folder(tmp_path)
         train_classifier(cfg, out, dataset=ds)
     assert not out.exists()
 
+
+
+# ------------------------------------------------------------------ memory of huge images (issue 13)
+
+
+def test_disk_plane_keeps_what_was_written_after_its_pages_are_released():
+    from cytocore.planes import disk_plane, is_disk_plane, plane, release
+
+    p = disk_plane((64, 48), np.uint32)
+    assert is_disk_plane(p) and is_disk_plane(p[3:5]) and not p.any()
+    for a in range(0, 64, 16):
+        p[a:a + 16] = a + 1
+        release(p[a:a + 16])
+    assert [int(p[a, 0]) for a in range(0, 64, 16)] == [1, 17, 33, 49] and int(p.sum()) == 48 * 16 * (1 + 17 + 33 + 49)
+    small, big = plane((10, 10), np.uint8, min_pixels=100), plane((10, 11), np.uint8, min_pixels=100)
+    assert not is_disk_plane(small) and is_disk_plane(big) and not big.any()
+    release(small)  # ordinary arrays: nothing to do
+
+
+def test_classify_boxes_in_chunks_gives_the_one_pass_result():
+    from classification.crops import CropConfig
+    from classification.predict import classify_boxes
+
+    class Classifier:
+        num_classes, crop = 2, CropConfig(size=16)
+        calls: list = []
+
+        def predict_crops(self, crops, batch_size):
+            self.calls.append(len(crops))
+            mean = crops.reshape(len(crops), -1).mean(axis=1) / 255.0
+            return np.stack([mean, 1 - mean], axis=1).astype(np.float32)
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (200, 300, 3), np.uint8)
+    xy = rng.uniform(0, 180, (70, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 20, (70, 2))], axis=1)
+    clf = Classifier()
+    whole = classify_boxes(image, boxes, clf, batch_size=8, chunk=1000)
+    chunked = classify_boxes(image, boxes, clf, batch_size=8, chunk=20)
+    assert clf.calls == [70, 16, 16, 16, 16, 6]  # chunks are whole batches
+    np.testing.assert_array_equal(whole, chunked)
+
+
+def test_huge_image_planes_go_to_disk_and_give_the_same_instances():
+    from cytocore.planes import is_disk_plane
+    from segmentation.predict import segment_image
+
+    rng = np.random.default_rng(0)
+    image = np.full((96, 128, 3), 230, np.uint8)
+    yy, xx = np.mgrid[:96, :128]
+    for _ in range(6):
+        cy, cx = rng.uniform(12, 84), rng.uniform(12, 116)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = (90, 60, 140)
+
+    def network(batch):  # dark pixels are cells
+        return (-8.0 * batch.mean(axis=1, keepdims=True) - 2.0).astype(np.float32)
+
+    post = {"min_area": 5, "block_size": 48, "block_margin": 16}
+    small = segment_image(image, network, {"tile": 32, "context": 4}, post)
+    huge = segment_image(image, network, {"tile": 32, "context": 4, "float_max_pixels": 1000}, post)
+    assert not is_disk_plane(small.probability) and is_disk_plane(huge.probability) and is_disk_plane(huge.labels)
+    assert len(small.instances) > 0
+    pd.testing.assert_frame_equal(small.instances, huge.instances, check_exact=False, atol=1 / 255 + 1e-6)
+    np.testing.assert_array_equal(np.asarray(small.labels), np.asarray(huge.labels))

@@ -1,9 +1,14 @@
 """Fused inference speed: seconds per 1024×1024 image and peak memory, on 2 CPU threads.
 
     python -m experiments.benchmarks.infer_speed [--seg SEG.ckpt --cls CLS.ckpt] [--images 4] [--threads 2]
+    python -m experiments.benchmarks.infer_speed --sizes 2048 8192 [--images 1]   # memory vs image size
 
 Images are synthetic brushing fields (``cytosynth.scene.render_image``) at 1024×1024, so the
-segmenter finds a realistic number of cells for the classifier. Without checkpoints, untrained
+segmenter finds a realistic number of cells for the classifier; larger sizes repeat one rendered
+1024×1024 field (the renderer's own memory would otherwise be measured), and only one image is in
+memory at a time. ``--sizes`` runs each size in its own process (peak RSS only grows within one)
+and prints peak RSS and seconds per image side by side: memory must not grow with the image beyond
+the image itself (issue 13: 8192² within 0.3 GB of 2048²). Without checkpoints, untrained
 networks of the default architectures (U-Net ``unet_small``, EfficientNet-B0) are timed: speed
 does not depend on the weights, only the object count does, which a trained model sets. The first
 image is a warm-up (graph compilation) and is reported separately. Peak memory is the process's
@@ -47,6 +52,46 @@ def _untrained_checkpoints(folder: Path, seg_scale: float) -> tuple[Path, Path]:
     return seg, cls
 
 
+def _frame(rng, size: int):
+    """One synthetic field of ``size``×``size``: rendered at up to 1024 px, tiled beyond."""
+    import numpy as np
+
+    from cytosynth.scene import render_image
+
+    side = min(size, 1024)
+    base = render_image(rng, side, side, healthy=False)[0]
+    if side == size:
+        return base
+    reps = -(-size // side)
+    return np.ascontiguousarray(np.tile(base, (reps, reps, 1))[:size, :size])
+
+
+def _compare_sizes(sizes: list[int], passthrough: list[str]) -> int:
+    """Run this benchmark once per size, each in a fresh process, and print the figures side by side."""
+    import subprocess
+
+    rows = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "figures.json"
+            cmd = [sys.executable, "-m", "experiments.benchmarks.infer_speed", "--size", str(size), "--json", str(out),
+                   *passthrough]
+            print("$ " + " ".join(cmd[1:]), flush=True)
+            code = subprocess.call(cmd, stdout=subprocess.DEVNULL)
+            if code != 0 or not out.is_file():
+                print(f"size {size}: benchmark failed (exit {code})")
+                return code or 1
+            rows.append(json.loads(out.read_text()))
+    print(f"{'image':>11}  {'s/image':>8}  {'peak RSS MB':>11}  {'RSS after setup MB':>18}  {'detections':>10}")
+    for r in rows:
+        print(f"{r['image_size']:>11}  {r['seconds_per_image_median']:>8.2f}  {r['peak_rss_mb']:>11.1f}  "
+              f"{r['peak_rss_after_setup_mb']:>18.1f}  {r['detections_per_image_median']:>10}")
+    if len(rows) > 1:
+        print(f"peak RSS growth {rows[0]['image_size']} -> {rows[-1]['image_size']}: "
+              f"{(rows[-1]['peak_rss_mb'] - rows[0]['peak_rss_mb']) / 1024:.3f} GB")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seg", default=None, help="segmentation checkpoint (default: untrained unet_small)")
@@ -59,12 +104,21 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "mindspore"], default="mindspore",
                         help="inference engine of both networks (onnxruntime: exported first, not timed)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="compare these image sizes, each in its own process (e.g. 2048 8192)")
+    parser.add_argument("--warmup-size", type=int, default=1024,
+                        help="side of the untimed first image that compiles the graphs (default 1024)")
     args = parser.parse_args(argv)
+    if args.sizes:
+        passthrough = ["--images", str(args.images), "--threads", str(args.threads), "--seg-scale", str(args.seg_scale),
+                       "--warmup-size", str(args.warmup_size)]
+        passthrough += [x for flag, value in (("--seg", args.seg), ("--cls", args.cls)) if value for x in (flag, value)]
+        passthrough += [x for o in args.overrides for x in ("--set", o)]
+        return _compare_sizes(args.sizes, passthrough)
 
     import numpy as np
 
     from cytocore import runtime
-    from cytosynth.scene import render_image
     from fusion.pipeline import Pipeline
 
     seg, cls = (args.seg, args.cls)
@@ -78,11 +132,11 @@ def main(argv=None) -> int:
         pipeline = Pipeline(seg, cls, overrides=[*args.overrides, f"runtime.threads={args.threads}",
                                                   f"runtime.backend={args.backend}"])
         rng = np.random.default_rng(0)
-        frames = [render_image(rng, args.size, args.size, healthy=False)[0] for _ in range(args.images + 1)]
         rss_loaded = _peak_rss_mb()
         timings, objects = [], []
         warm = None
-        for k, image in enumerate(frames):
+        for k in range(args.images + 1):
+            image = _frame(rng, min(args.size, args.warmup_size) if k == 0 else args.size)
             t0 = time.perf_counter()
             result = pipeline.run_image(image, f"bench_{k}")
             seconds = time.perf_counter() - t0
@@ -91,6 +145,7 @@ def main(argv=None) -> int:
                 continue
             timings.append(result.timings | {"total": seconds})
             objects.append(len(result.detections))
+            del image, result
     per_image = [t["total"] for t in timings]
     figures = {
         "image_size": f"{args.size}x{args.size}",
