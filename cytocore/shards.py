@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -66,15 +65,17 @@ class Shard:
 def shard_from_env() -> Optional[Shard]:
     """The launcher's rank and size as a shard, or None for a lone process.
 
-    Under msrun: the rank MindSpore assigned when the worker joined the job, or msrun's ``RANK_ID``
-    and ``RANK_SIZE`` before that.
+    Under msrun the worker joins the job first if the models did not (ONNX Runtime needs no MindSpore,
+    but msrun's scheduler waits for every worker to join), then takes the rank MindSpore assigned.
     """
     from . import distributed
 
+    if distributed.launched() and not distributed.joined():
+        from . import runtime
+
+        runtime.setup(seed=None)
     if distributed.joined():
         return Shard(distributed.rank(), distributed.size()) if distributed.size() > 1 else None
-    if distributed.launched() and os.environ.get("RANK_ID") is not None and distributed.env_size() > 1:
-        return Shard(int(os.environ["RANK_ID"]), distributed.env_size())
     return None
 
 

@@ -24,11 +24,13 @@ def test_shard_parse_and_share():
 
 
 def test_shard_from_launcher_environment(monkeypatch):
+    from cytocore import distributed
+
     monkeypatch.delenv("MS_ROLE", raising=False)
-    assert shard_from_env() is None
-    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
-    monkeypatch.setenv("RANK_ID", "1")
-    monkeypatch.setenv("RANK_SIZE", "2")
+    assert shard_from_env() is None  # a plain process: no shard, nothing joined
+    monkeypatch.setitem(distributed._state, "ready", True)  # as after joining an msrun job of 2 as rank 1
+    monkeypatch.setitem(distributed._state, "rank", 1)
+    monkeypatch.setitem(distributed._state, "size", 2)
     assert shard_from_env() == Shard(1, 2)
 
 
