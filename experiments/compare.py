@@ -84,6 +84,10 @@ def load_compare_config(path: Optional[PathLike] = None, overrides: Iterable[str
     return scale_budget(cfg)
 
 
+def budget_label(minutes: Optional[float]) -> str:
+    return "step-limited (no time budget)" if minutes is None else f"budget {minutes} min"
+
+
 def scale_budget(cfg: dict) -> dict:
     """``budget.total_minutes`` (``--budget-minutes``) shares a total between the stages in the ratio of
     their configured minutes: more time, more epochs, same recipe. The baseline's ``auto`` budget then
@@ -99,6 +103,10 @@ def scale_budget(cfg: dict) -> dict:
     keys = ["cls_minutes"] if systems == [CLASSIFIER] else (["seg_minutes", "cls_minutes"] if TWO_STAGE in systems else [])
     if not keys:  # single-stage alone: the whole budget is the baseline's
         b["baseline_minutes"] = total
+        return cfg
+    if any(b[k] is None for k in keys):  # a step-limited stage: share the total equally
+        for k in keys:
+            b[k] = round(total / len(keys), 3)
         return cfg
     configured = sum(float(b[k]) for k in keys)
     for k in keys:
@@ -181,11 +189,11 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
 
         from .baseline import train_unet
 
-        phases.start("train segmentation", f"budget {budget['seg_minutes']} min")
+        phases.start("train segmentation", budget_label(budget["seg_minutes"]))
         scfg = seg_stage_config(cfg, data_path, budget["seg_minutes"])
         runs["seg"] = run_stage("segmentation", out / "seg", scfg,
                                 lambda: train_unet(scfg, ds, out / "seg", resume=True, progress=progress))
-        phases.start("train classifier", f"budget {budget['cls_minutes']} min")
+        phases.start("train classifier", budget_label(budget["cls_minutes"]))
         ccfg = cls_stage_config(cfg, data_path, budget["cls_minutes"])
         if cfg["cls_proposals"]:
             from .proposals_stage import training_proposals
@@ -329,7 +337,7 @@ def run_classifier_only(cfg: Mapping[str, Any], out: Path) -> dict:
         if not ds.subset(split=split).records:
             raise DataError(f"{data_path}: split {split!r} has no images (splits: {', '.join(ds.splits()) or 'none'})")
     phases.note(f"{len(ds)} items, classes {', '.join(ds.class_names)}")
-    phases.start("train classifier", f"budget {cfg['budget']['cls_minutes']} min")
+    phases.start("train classifier", budget_label(cfg["budget"]["cls_minutes"]))
     ccfg = cls_stage_config(cfg, data_path, cfg["budget"]["cls_minutes"])
     run = run_stage("classifier", out / "cls", ccfg, lambda: train_classifier(ccfg, out / "cls", resume=True, dataset=ds))
     phases.start("evaluate classifier", f"split {d['test_split']}")

@@ -13,6 +13,8 @@ def test_total_budget_is_shared_in_the_configured_ratio():
     assert cfg["budget"]["baseline_minutes"] == "auto"  # follows the two stages' minutes actually used
     cls_only = load_compare_config(None, ["systems=[classifier]", "budget.total_minutes=12"])
     assert cls_only["budget"]["cls_minutes"] == 12.0
+    step_limited = load_compare_config(None, ["systems=[classifier]", "budget.cls_minutes=null", "budget.total_minutes=9"])
+    assert step_limited["budget"]["cls_minutes"] == 9.0
     untouched = load_compare_config(None, ["budget.seg_minutes=8"])
     assert untouched["budget"]["seg_minutes"] == 8
     with pytest.raises(CytoFuseError, match="total_minutes"):
