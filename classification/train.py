@@ -25,7 +25,7 @@ from .metrics import classification_metrics, format_metrics
 from .model import ModelConfig, build_network, count_parameters, make_loss, probabilities
 from cytocore.mpp import training_mpp
 
-from .model_io import Classifier, checkpoint_meta, load_initial_weights
+from .model_io import Classifier, checkpoint_meta, load_initial_weights, tta_views
 from .proposals import ProposalConfig, ProposalPool, proposal_pool, read_proposals
 
 log = logging.getLogger("cytofuse")
@@ -199,9 +199,10 @@ def make_task(setup: ClassificationSetup) -> TrainTask:
         return setup.sampler.batches(epoch, rng, steps)
 
     def validate(network: Any) -> dict[str, float]:
-        logits = scorer.logits(setup.val_crops, val_batch)
         # Scored as predictions will be made (with the run's test-time flips); the loss on plain crops.
-        probs = scorer.predict_crops(setup.val_crops, val_batch) if scorer.tta != "none" else probabilities(logits, setup.model.head)
+        views = [scorer.logits(v, val_batch) for v in tta_views(setup.val_crops, scorer.tta)]
+        logits = views[0]
+        probs = np.mean([probabilities(z, setup.model.head) for z in views], axis=0)
         metrics = classification_metrics(setup.val_labels, probs, names, setup.model.head, threshold, prefix="val_")
         metrics["val_loss"] = _val_loss(logits, setup.val_labels, setup.model.head)
         log.debug("validation:\n%s", format_metrics(metrics, names, prefix="val_"))

@@ -142,6 +142,20 @@ def run_shard(
     return report
 
 
+def run_share(
+    sources: Iterable[ImageSource],
+    process: Callable[[np.ndarray, ImageSource], Any],
+    writer: RunWriter,
+    fingerprint: str,
+    shard: Optional[Shard] = None,
+    **options: Any,
+) -> RunReport:
+    """:func:`run_shard` with a shard of several workers, else the plain :func:`run_images` (same options)."""
+    if shard is not None and shard.count > 1:
+        return run_shard(sources, process, writer, fingerprint, shard, **options)
+    return run_images(sources, process, writer, fingerprint, **options)
+
+
 def _read_marker(path: Path) -> Optional[dict]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))

@@ -29,8 +29,8 @@ from cytocore.atomic import write_json
 from cytocore.config import load_config, merge, read_yaml
 from cytocore.detections import Candidates, CandidateSource, Detections, identity_fingerprint
 from cytocore.errors import CytoFuseError, DataError
-from cytocore.runfolder import ImageSource, RunReport, folder_sources, run_images
-from cytocore.shards import Shard, run_shard
+from cytocore.runfolder import ImageSource, RunReport, folder_sources
+from cytocore.shards import Shard, run_share
 
 from .geometry import box_areas, clip_boxes, shrink_boxes
 from .nms import class_floors, select_detections
@@ -308,12 +308,8 @@ class DetectionSystem:
         from .outputs import DetectionRunWriter
 
         writer = DetectionRunWriter(Path(out_dir), self.class_names, self.config, self.settings.floors)
-        process = lambda image, src: self.run_image(image, src.image_id)  # noqa: E731
-        if shard is not None and shard.count > 1:
-            return run_shard(sources, process, writer, self.fingerprint(), shard, read=self.read, failed=failed,
-                             progress=progress, desc="infer")
-        return run_images(sources, process, writer, self.fingerprint(), read=self.read, failed=failed,
-                          progress=progress, desc="infer")
+        return run_share(sources, lambda image, src: self.run_image(image, src.image_id), writer, self.fingerprint(),
+                         shard, read=self.read, failed=failed, progress=progress, desc="infer")
 
     def run_folder(self, images_dir: PathLike, out_dir: PathLike, progress: bool = True,
                    shard: Optional[Shard] = None) -> dict:

@@ -39,6 +39,9 @@ def add_actions(seg_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="e.g. --set predict.tta=flip --set postprocess.threshold=0.4 (repeatable)")
     add_backend_argument(p)
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="only share I (0..N-1) of N of the images, into the same --out; the last share to finish "
+                        "writes instances.csv (under msrun: rank/size, without this flag)")
     p.set_defaults(handler=_predict)
 
     c = seg_sub.add_parser("ceiling", help="metric ceiling: perfect network outputs from the annotations through the "
@@ -95,14 +98,22 @@ def predict_settings(config: Optional[str], overrides: Sequence[str]) -> tuple[d
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from cytocore.shards import Shard, shard_from_env
+
     from .model_io import load_segmenter
     from .predict import segment_folder
 
     predict_cfg, post_cfg = predict_settings(args.config, args.overrides)
+    shard = Shard.parse(args.shard) if args.shard else None
     segmenter = load_segmenter(args.checkpoint, backend=getattr(args, "backend", "mindspore"))
+    shard = shard or shard_from_env()  # after loading: an msrun worker has joined its job by then
     run = segment_folder(segmenter, args.images, args.out, predict_cfg=predict_cfg or None,
-                         post_cfg=post_cfg or None, progress=True)
+                         post_cfg=post_cfg or None, progress=True, shard=shard)
     table = run.combined
+    if table is None:
+        print(f"shard {shard}: {run.n_done} of {run.n_images} images done, {len(run.failed)} failed; the last shard "
+              f"to finish writes {args.out}/instances.csv (still running: {', '.join(run.extra['waiting_for'])})")
+        return run.exit_code
     print(f"{run.n_done} of {run.n_images} images done ({run.n_processed_now} now, {run.n_skipped} already done), "
           f"{len(run.failed)} failed; wrote {args.out}/saliency/ and {args.out}/instances.csv ({len(table)} cells)")
     for item in run.failed:

@@ -673,15 +673,16 @@ def segment_image(
     ``settings`` are used as given (resolved once by the caller); without them, ``predict_cfg`` and
     ``post_cfg`` are completed from the checkpoint and the defaults (:func:`resolve_settings`).
     ``out``/``class_out``/``instance_out`` may be ``np.memmap`` planes for images that do not fit in
-    memory as float. ``labels_out``: ``True`` allocates an int32 label plane, ``False``/``None``
-    skips it, an H×W integer array (or memmap) of zeros receives it.
+    memory as float. ``labels_out``: ``True`` allocates an int32 label plane (images up to
+    ``predict.float_max_pixels``; larger ones need a caller's memmap), ``False``/``None`` skips it, an
+    H×W integer array (or memmap) of zeros receives it, written block by block.
     """
     info = model if isinstance(model, ModelInfo) else model_info(model)
     if settings is None:
         settings = resolve_settings(info, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
     post = settings.postprocess
     maps = predict_probability(image, info, settings.predict, out=out, class_out=class_out, instance_out=instance_out)
-    if labels_out is True:
+    if labels_out is True:  # in memory up to the size that gets float planes; a disk plane beyond that
         labels_out = zeros_plane(maps.saliency.shape, np.int32, int(settings.predict["float_max_pixels"]))
     elif labels_out is False:
         labels_out = None
@@ -778,6 +779,7 @@ def segment_folder(
     post_cfg: Optional[dict] = None,
     progress: bool = True,
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    shard: Optional[Any] = None,
 ) -> "RunReport":
     """Segment every image in ``images_dir`` into ``out_dir`` (layout: :mod:`segmentation.outputs`).
 
@@ -785,18 +787,23 @@ def segment_folder(
     settings (another checkpoint redoes every image), unreadable images reported in one warning line
     and skipped, no stale file of a failed or redone image left. ``instances.csv`` is rebuilt from
     the per-image CSVs every run, so it is always complete; it is the report's ``combined`` table.
+    With a ``shard`` (:class:`cytocore.shards.Shard`) only its share; the last share to finish writes
+    ``instances.csv`` (``combined`` is None for the others).
     """
-    from cytocore.runfolder import folder_sources, run_images
+    from cytocore.runfolder import folder_sources
+    from cytocore.shards import run_share
 
     from .outputs import SegmentationRunWriter
 
     source = SegmentationSource.load(checkpoint_or_segmenter, {"predict": predict_cfg or {}, "postprocess": post_cfg or {}})
     sources, duplicates = folder_sources(images_dir)
     writer = SegmentationRunWriter(Path(out_dir))
-    run = run_images(
-        sources, lambda image, src: source.candidates(image), writer, identity_fingerprint(source.identity()),
+    run = run_share(
+        sources, lambda image, src: source.candidates(image), writer, identity_fingerprint(source.identity()), shard,
         read=lambda src: src.read(max_pixels=max_pixels), failed=duplicates, progress=progress, desc="seg predict",
     )
+    if run.combined is None:
+        return run
     log.info(
         "seg predict: %d image(s) segmented, %d already done, %d skipped (unreadable or duplicate id); %d instances in %s",
         run.n_processed_now, run.n_skipped, len(run.failed), len(run.combined), Path(out_dir) / "instances.csv",

@@ -76,3 +76,26 @@ def test_sampler_mixes_labelled_proposal_crops(tmp_path):
     assert labels[-3:].sum() == 0          # merged proposals: negatives
     assert (labels[-6:-3].max(axis=1) == 1).all()  # matched proposals: their cell's classes
     assert sampler.expected_frequency().shape == (3,)
+
+
+def test_compare_trains_on_the_segmenters_own_proposals_of_the_train_split(tmp_path):
+    """experiments.proposals_stage: the U-Net (here a 'stained means cell' stand-in) over the train images
+    with the inference settings, instances.csv, then IoP labels: cells matched, the benign disc not."""
+    from scipy import ndimage as ndi
+
+    from experiments.proposals_stage import training_proposals
+
+    def cell_net(x: np.ndarray) -> np.ndarray:  # normalised pale background ~2.0, every disc below 1.2
+        return (4.0 * ndi.uniform_filter(1.2 - x.mean(axis=1, keepdims=True), size=(1, 1, 3, 3))).astype(np.float32)
+
+    ds = toy_dataset(tmp_path / "data")
+    infer = {"segmentation": {"predict": {"tile": 64, "context": 4}, "postprocess": {"threshold": 0.5, "min_area": 4}}}
+    csv = training_proposals(cell_net, ds, "train", infer, tmp_path / "proposals", progress=False)
+    boxes = read_proposals(csv)
+    train = ds.subset("train")
+    assert set(boxes) <= {r.image_id for r in train.records} and len(boxes) >= len(train) - 1
+    pool = proposal_pool(train, boxes, ProposalConfig())
+    counts = pool.counts()
+    n_cells = sum(r.n_boxes for r in train.records)
+    assert counts["matched"] >= 0.8 * n_cells  # the annotated discs come back with their classes
+    assert counts["unmatched"] >= 0.8 * len(train)  # the unboxed benign disc of each image: a negative

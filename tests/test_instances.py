@@ -143,3 +143,27 @@ def test_seg_ceiling_cli_writes_json(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["scale"] == 0.75 and result["accuracy"] is not None
     assert "ceiling accuracy" in capsys.readouterr().out
+
+
+def test_segment_image_uses_the_head_channel_and_returns_the_label_plane():
+    from scipy.special import logit
+
+    from segmentation.predict import ModelInfo, segment_image
+
+    labels, boxes = discs((96, 96), CLUSTER, 10)
+    head = normalised_distance(instance_labels(labels.shape, boxes, mask=((labels > 0) * 255).astype(np.uint8)))
+    fg = labels > 0
+    image = np.where(fg[..., None], 60, 230).astype(np.uint8).repeat(3, axis=2)
+    planes = np.stack([np.where(fg, 0.95, 0.05), np.clip(head, 0.02, 0.98)]).astype(np.float32)
+
+    def net(batch):  # "predicts" the known maps: the tiles are the whole (padded) image here
+        out = np.zeros((batch.shape[0], 2, *batch.shape[2:]), np.float32)
+        out[:, :, :96, :96] = logit(planes)
+        return out
+
+    info = ModelInfo(fn=net, instance_channels=1)
+    result = segment_image(image, info, {"tile": 128, "context": 0, "overlap": 0}, {"min_area": 5})
+    assert result.instance_maps.shape == (1, 96, 96)
+    one_box_per_cell(result.instances, boxes)
+    assert set(np.unique(result.labels)) == {0, *result.instances["label_id"].tolist()}
+    assert segment_image(image, info, {"tile": 128, "context": 0, "overlap": 0}, labels_out=False).labels is None

@@ -75,3 +75,14 @@ def test_a_rerun_shard_waits_for_its_partner_again(pipeline, folder, tmp_path): 
     assert second["waiting_for"] == ["0/2"]  # shard 0's marker covers another image list
     merged = pipeline.run_folder(folder, out, progress=False)  # a plain run merges (everything else is done)
     assert merged["n_processed_now"] == 2 and merged["n_done"] == 5  # img_1, img_3 were shard 0's share now
+
+
+def test_seg_predict_shards_merge_into_the_single_run_table(checkpoints, folder, tmp_path):  # noqa: F811
+    from segmentation.predict import segment_folder
+
+    single = segment_folder(checkpoints["seg"], folder, tmp_path / "single", progress=False)
+    first = segment_folder(checkpoints["seg"], folder, tmp_path / "sharded", progress=False, shard=Shard(1, 2))
+    assert first.combined is None and first.extra["waiting_for"] == ["0/2"]
+    merged = segment_folder(checkpoints["seg"], folder, tmp_path / "sharded", progress=False, shard=Shard(0, 2))
+    assert merged.n_done == single.n_done == 4 and len(merged.failed) == 1
+    assert (tmp_path / "sharded" / "instances.csv").read_bytes() == (tmp_path / "single" / "instances.csv").read_bytes()
