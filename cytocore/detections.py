@@ -36,6 +36,7 @@ class Candidates:
     cls_probs: np.ndarray  # (N, K) class probabilities (K = 0 for a segmentation-only source)
     instances: Optional[pd.DataFrame] = None
     labels: Optional[np.ndarray] = None
+    info: dict = field(default_factory=dict)  # about the input: slide or not, µm/px, scale used, tissue share
 
     def __len__(self) -> int:
         return int(len(self.boxes))
@@ -91,6 +92,7 @@ class Detections:
     labels: np.ndarray  # (N,) class name shown for each detection
     seg_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) segmentation score
     object_area: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) pixels of the segmented object
+    label_ids: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) the cell's id in the label plane (NaN: none)
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, np.float64).reshape(-1, 4)
@@ -99,6 +101,7 @@ class Detections:
         self.labels = np.asarray(self.labels, dtype=object).reshape(n)
         self.seg_scores = _column(self.seg_scores, n)
         self.object_area = _column(self.object_area, n)
+        self.label_ids = _column(self.label_ids, n)
 
     def __len__(self) -> int:
         return int(len(self.boxes))
@@ -115,6 +118,8 @@ class Detections:
         frame = detections_frame(self.image_id, self.boxes, self.scores, self.class_names, (self.width, self.height),
                                  seg_scores=self.seg_scores, labels=self.labels)
         frame["object_area"] = self.object_area
+        if np.isfinite(self.label_ids).any():  # links each detection to its cell in labels/<id>.tif
+            frame["label_id"] = self.label_ids
         return frame
 
 

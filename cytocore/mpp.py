@@ -117,7 +117,7 @@ def resolve_scale(
 ) -> ScaleChoice:
     """The U-Net's input scale for one image or slide (rules in the module docstring)."""
     if user_scale is not None:
-        return ScaleChoice(float(user_scale), "chosen by the user (--scale / segmentation.predict.scale)", input_mpp, train_mpp)
+        return ScaleChoice(float(user_scale), "chosen by the user (--scale)", input_mpp, train_mpp)
     if input_mpp is not None and train_mpp is not None:
         scale = float(model_scale) * float(input_mpp) / float(train_mpp)
         return ScaleChoice(scale, f"{input_mpp:g} µm/px input, model trained at {train_mpp:g} µm/px", input_mpp, train_mpp)

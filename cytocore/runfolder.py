@@ -69,12 +69,14 @@ class ImageSource:
         return read_image(self.path, channel_order=channel_order, max_pixels=max_pixels)
 
 
-def folder_sources(images_dir: PathLike) -> tuple[list[ImageSource], list[dict]]:
+def folder_sources(images_dir: PathLike, lister: Callable[[PathLike], list[Path]] = list_images
+                   ) -> tuple[list[ImageSource], list[dict]]:
     """The images of a folder in name order, and the files left out (a second file with the same id).
 
-    An empty folder is a usage error (:class:`DataError`), not an empty run.
+    ``lister`` lists the inputs (``fusion.inputs.list_inputs`` adds whole slides). An empty folder is
+    a usage error (:class:`DataError`), not an empty run.
     """
-    paths = list_images(images_dir)
+    paths = lister(images_dir)
     if not paths:
         raise DataError(f"{images_dir}: no images (.bmp, .png, .jpg, .tif) in this folder")
     sources: dict[str, ImageSource] = {}

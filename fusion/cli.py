@@ -37,6 +37,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="run N shards as parallel processes on this machine (default 1)")
     add_backend_argument(p)
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="µm per pixel of the inputs (overrides a slide's own); with the checkpoint's training µm/px "
+                        "it sets the U-Net's scale")
+    p.add_argument("--scale", type=float, default=None, metavar="S",
+                   help="resize factor before the U-Net, chosen yourself (instead of the µm/px rule)")
+    p.add_argument("--coco-gt", default=None, metavar="JSON",
+                   help="COCO ground truth whose image and category ids coco_results.json uses (matched by file "
+                        "name and category name)")
+    p.add_argument("--anonymise", action="store_true",
+                   help="name every output by a salted hash of the image id; the key goes to --anonymise-key")
+    p.add_argument("--anonymise-key", default=None, metavar="CSV",
+                   help="key file of --anonymise (default: OUT.anonymise-key.csv beside the output folder)")
     p.set_defaults(handler=_infer)
 
 
@@ -66,6 +78,10 @@ def _infer(args: argparse.Namespace) -> int:
     if args.workers > 1:
         if args.shard:
             raise CytoFuseError("--workers N runs the shards itself; leave out --shard")
+        if args.anonymise or args.anonymise_key:  # one salt for all workers, made before they start
+            from cytocore.anonymise import Anonymiser, default_key_path
+
+            Anonymiser(args.anonymise_key or default_key_path(args.out)).save()
         code = distributed.run_local_shards(args.workers, Path(args.out) / "shard_logs", args.argv)
         if code in (0, EXIT_SOME_FAILED):
             _print_merged(Path(args.out), args.workers)
@@ -75,8 +91,21 @@ def _infer(args: argparse.Namespace) -> int:
     if args.threads is not None:
         overrides.append(f"runtime.threads={int(args.threads)}")
     overrides.append(f"runtime.backend={args.backend}")
+    if args.mpp is not None:
+        overrides.append(f"mpp={float(args.mpp)}")
+    if args.scale is not None:
+        overrides.append(f"scale={float(args.scale)}")
     pipeline = Pipeline(args.seg, args.cls, args.config, classes=parse_classes(args.classes),
                         fusion_file=args.fusion, overrides=overrides)
+    if args.coco_gt is not None:
+        from cytocore.readers.coco import load_coco_json
+
+        load_coco_json(args.coco_gt)  # a wrong file is a usage error before any image is processed
+        pipeline.coco_gt = Path(args.coco_gt)
+    if args.anonymise or args.anonymise_key:
+        from cytocore.anonymise import default_key_path
+
+        pipeline.anonymise_key = args.anonymise_key or default_key_path(args.out)
     shard = shard or shard_from_env()  # after the models load: an msrun worker has joined its job by then
     summary = pipeline.run_folder(args.images, args.out, progress=not args.no_progress, shard=shard)
     done, failed = summary["n_done"], summary["n_failed"]

@@ -77,7 +77,7 @@ class InputReader:
             return image
         array = read_image(path, channel_order=self.channel_order, max_pixels=self.max_pixels)
         if self.tissue["enabled"] is True:
-            d = thumbnail_downsample(array.shape[1], array.shape[0], int(self.tissue["thumbnail_side"]), at_least=1)
+            d = thumbnail_downsample(array.shape[1], array.shape[0], int(self.tissue["thumbnail_side"]))  # as a slide
             image = array_source(array, self._mask(thumbnail_of_array(array, d), d), path.name)
             image.mpp, image.is_slide, image.thumbnail, image.thumbnail_downsample = None, False, None, d
             image.array = array
@@ -89,17 +89,54 @@ def input_mpp(image: Any) -> Optional[float]:
     return getattr(image, "mpp", None)
 
 
-def scale_for(image: Any, segmenter: Any, config: Mapping[str, Any], name: str) -> ScaleChoice:
-    """The U-Net input scale for one input: ``--scale`` ← ``--mpp``/the slide's µm/px and the checkpoint's."""
-    predict = ((config.get("segmentation") or {}).get("predict") or {})
-    user_scale = predict.get("scale")
+def scale_for(image: Any, segmenter: Any, predict: Mapping[str, Any], config: Mapping[str, Any], name: str) -> ScaleChoice:
+    """The U-Net input scale for one input (rules: :mod:`cytocore.mpp`).
+
+    ``predict`` are the segmenter's resolved options (their ``scale``, when not the user's, is the
+    checkpoint's own); ``config`` the fusion config: ``mpp`` (``--mpp``) and a user-chosen ``scale``
+    (``--scale``) or ``segmentation.predict.scale``.
+    """
+    user_scale = config.get("scale")
+    if user_scale is None:
+        user_scale = ((config.get("segmentation") or {}).get("predict") or {}).get("scale")
     user_mpp = positive_mpp(config.get("mpp"), "--mpp")
-    mpp = user_mpp if user_mpp is not None else input_mpp(image)
+    own = predict.get("scale")
+    model_scale = float(own) if own is not None and user_scale is None else float(getattr(segmenter, "scale", 1.0) or 1.0)
     return resolve_scale(
-        float(getattr(segmenter, "scale", 1.0) or 1.0),
+        model_scale,
         checkpoint_mpp(getattr(segmenter, "meta", None)),
-        mpp,
+        user_mpp if user_mpp is not None else input_mpp(image),
         user_scale=None if user_scale is None else float(user_scale),
         is_slide=bool(getattr(image, "is_slide", False)),
         name=name,
     )
+
+
+def input_record(image: Any, choice: ScaleChoice) -> dict:
+    """What ``parts/<id>.json`` and ``run.json`` say about one input: slide or not, µm/px, scale, tissue."""
+    tissue = getattr(image, "tissue", None)
+    return {
+        "slide": bool(getattr(image, "is_slide", False)),
+        "mpp": choice.input_mpp,
+        "scale": choice.to_dict(),
+        "tissue_fraction": None if tissue is None else round(tissue.fraction, 4),
+    }
+
+
+def segmentation_model_for(image: Any, segmenter: Any, predict: Mapping[str, Any], choice: ScaleChoice) -> tuple[Any, dict]:
+    """The model and predict options for one input: its scale, and glass tiles skipped when it has a tissue mask.
+
+    Returns ``(model, predict)`` for :func:`segmentation.predict.segment_image`: the segmenter
+    itself, or a :class:`~segmentation.predict.ModelInfo` whose network function skips constant tiles.
+    """
+    import dataclasses
+
+    from segmentation.blank_tiles import BlankTileSkipper
+    from segmentation.predict import model_info
+
+    options = {**dict(predict), "scale": choice.scale}
+    if getattr(image, "tissue", None) is None:
+        return segmenter, options
+    info = model_info(segmenter)
+    skipper = BlankTileSkipper(info.fn, int(getattr(info, "instance_channels", 0) or 0), int(options.get("batch_size", 8)))
+    return dataclasses.replace(info, fn=skipper), options

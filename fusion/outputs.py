@@ -2,11 +2,12 @@
 
     OUT/saliency/<id>.png        the probability map, 8-bit, image size
     OUT/overlays/<id>.png        heat map and labelled boxes (``overlay.enabled``)
-    OUT/geojson/<id>.geojson     the image's detections for QuPath (``outputs.geojson``)
+    OUT/geojson/<id>.geojson     the image's detections for QuPath, cell outlines (``outputs.geojson``)
+    OUT/labels/<id>.tif          uint32 instance label image (``outputs.labels``; sources with label planes)
     OUT/parts/<id>.csv           the image's detections table
     OUT/parts/<id>.json          its record, written last by the runner: the image is done
-    OUT/predictions.csv, detections.csv, images.csv, detections.geojson, detections.coco.json
-                                 rebuilt from the parts of every finished image at the end of a run
+    OUT/predictions.csv, detections.csv, images.csv, detections.geojson, detections.coco.json,
+    OUT/coco_results.json        rebuilt from the parts of every finished image at the end of a run
 
 :class:`DetectionRunWriter` is the one place that knows this layout; the runner
 (:func:`cytocore.runfolder.run_images`) decides what to compute and removes an image's files before
@@ -15,6 +16,7 @@ overlay, an empty FeatureCollection, a header-only part and an ``images.csv`` ro
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -22,15 +24,19 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from cytocore.atomic import write_with
+from cytocore.atomic import write_json, write_with
 from cytocore.errors import DataError
 from cytocore.runfolder import PARTS_DIR, SALIENCY_DIR, ImageSource, write_saliency
 from cytocore.writers import detections_columns, write_detections_csv, write_predictions_csv
 
+from .cell_outputs import detection_outlines, overlay_view
+from .coco_results import coco_results, ids_from_ground_truth, own_ids, write_coco_results
+from .label_images import write_label_image
 from .writers import write_coco, write_geojson, write_overlay
 
 OVERLAYS_DIR = "overlays"
 GEOJSON_DIR = "geojson"
+LABELS_DIR = "labels"
 IMAGES_COLUMNS = ["image_id", "width", "height", "n_detections", "malignancy", "seconds"]
 
 
@@ -42,12 +48,15 @@ class DetectionRunWriter:
     """
 
     def __init__(self, out: Path, class_names: Sequence[str], config: Mapping[str, Any],
-                 floors: Optional[np.ndarray] = None) -> None:
+                 floors: Optional[np.ndarray] = None, coco_gt: Optional[Path] = None) -> None:
         self.out = Path(out)
         self.class_names = list(class_names)
         self.overlay = dict(config.get("overlay") or {})
         self.outputs = dict(config.get("outputs") or {})
         self.floors = floors
+        self.coco_gt = coco_gt  # number coco_results.json by this ground truth's ids (else our own)
+        self.box_shrink = float(config.get("box_shrink", 1.0))
+        self.threshold = float(((config.get("segmentation") or {}).get("postprocess") or {}).get("threshold", 0.5))
 
     @property
     def overlays_on(self) -> bool:
@@ -60,10 +69,12 @@ class DetectionRunWriter:
     def image_files(self, image_id: str) -> list[Path]:
         """Every per-image file of this layout (switched-off ones too, so an old run's are removed)."""
         return [self.out / SALIENCY_DIR / f"{image_id}.png", self.out / OVERLAYS_DIR / f"{image_id}.png",
-                self.out / GEOJSON_DIR / f"{image_id}.geojson", self.part_path(image_id)]
+                self.out / GEOJSON_DIR / f"{image_id}.geojson", self.part_path(image_id),
+                self.out / LABELS_DIR / f"{image_id}.tif"]
 
     def required_files(self, image_id: str) -> list[Path]:
-        saliency, overlay, geojson, part = self.image_files(image_id)
+        """Files a finished image must have (the label image only exists when the source makes label planes)."""
+        saliency, overlay, geojson, part, _labels = self.image_files(image_id)
         return [saliency, part] + ([overlay] if self.overlays_on else []) + ([geojson] if self.geojson_on else [])
 
     def part_path(self, image_id: str) -> Path:
@@ -77,15 +88,23 @@ class DetectionRunWriter:
         t0 = time.perf_counter()
         image_id, names = result.image_id, result.class_names
         table = result.detections.to_frame()
-        saliency, overlay, geojson, part = self.image_files(image_id)
+        saliency, overlay, geojson, part, labels_path = self.image_files(image_id)
         write_saliency(saliency, result.probability)
+        labels = getattr(result, "labels", None)
+        info = dict(getattr(result, "info", None) or {})
         if self.overlays_on:
             o = self.overlay
-            write_overlay(overlay, image, result.probability, table, names, min_score=float(o.get("min_score", 0.3)),
+            pixels, plane, drawn = overlay_view(image, result.probability, table)  # a slide: its thumbnail
+            write_overlay(overlay, pixels, plane, drawn, names, min_score=float(o.get("min_score", 0.3)),
                           heatmap_alpha=float(o.get("heatmap_alpha", 0.45)), colormap=str(o.get("colormap", "jet")),
                           max_side=o.get("max_side", 4096))
         if self.geojson_on:
-            write_geojson(geojson, table, names)
+            outlines = detection_outlines(table, result.width, result.height, labels=labels,
+                                          probability=result.probability, threshold=self.threshold,
+                                          shrink=self.box_shrink)
+            write_geojson(geojson, table, names, outlines=outlines, mpp=info.get("mpp"))
+        if labels is not None and self.outputs.get("labels", True):
+            write_label_image(labels_path, labels)
         write_detections_csv(part, table)
         timings = {k: round(v, 4) for k, v in {**result.timings, "write": time.perf_counter() - t0}.items()}
         return {
@@ -97,6 +116,7 @@ class DetectionRunWriter:
             "malignancy": round(result.malignancy, 6),
             "seconds": round(sum(timings.values()), 4),
             "timings": timings,
+            **{k: info.get(k) for k in ("slide", "mpp", "scale", "tissue_fraction")},
         }
 
     def write_combined(self, records: Mapping[str, dict]) -> pd.DataFrame:
@@ -110,12 +130,34 @@ class DetectionRunWriter:
         write_detections_csv(self.out / "detections.csv", table)
         images = pd.DataFrame([{k: records[i][k] for k in IMAGES_COLUMNS} for i in order], columns=IMAGES_COLUMNS)
         write_with(self.out / "images.csv", lambda tmp: images.to_csv(tmp, index=False))
-        if self.geojson_on:
-            write_geojson(self.out / "detections.geojson", table, self.class_names)
+        outlines = None
+        if self.geojson_on:  # the per-image files hold the outlines: the combined file is their union
+            features = [f for i in order for f in _features(self.out / GEOJSON_DIR / f"{i}.geojson")]
+            write_json(self.out / "detections.geojson", {"type": "FeatureCollection", "features": features})
+            outlines = _outlines_of(features, table)
         if self.outputs.get("coco", True):
+            file_names = {i: records[i].get("file", i) for i in order}
             write_coco(self.out / "detections.coco.json", images, table, self.class_names, floors=self.floors,
-                       file_names={i: records[i].get("file", i) for i in order})
+                       file_names=file_names)
+            ids = (ids_from_ground_truth(self.coco_gt, file_names, self.class_names) if self.coco_gt is not None
+                   else own_ids(order, self.class_names))
+            write_coco_results(self.out / "coco_results.json",
+                               coco_results(table, self.class_names, ids, floors=self.floors, outlines=outlines))
         return table
+
+
+def _features(path: Path) -> list[dict]:
+    """The features of one image's GeoJSON (none if the file is missing)."""
+    if not path.is_file():
+        return []
+    return list(json.loads(path.read_text(encoding="utf-8")).get("features") or [])
+
+
+def _outlines_of(features: list[dict], table: pd.DataFrame) -> Optional[list]:
+    """Each table row's outline ring from the GeoJSON features (same images, same order), else None."""
+    if len(features) != len(table):
+        return None
+    return [np.asarray(f["geometry"]["coordinates"][0], np.float64) for f in features]
 
 
 def read_part(path: Path, class_names: Sequence[str]) -> pd.DataFrame:

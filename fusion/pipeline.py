@@ -185,11 +185,14 @@ def detections_from_candidates(
     valid = box_areas(boxes) > 0
     keep, boxes = keep[valid], boxes[valid]
     scores = np.asarray(fused, np.float64).reshape(-1, len(class_names))[keep]
+    inst = candidates.instances
+    ids = (inst["label_id"].to_numpy(np.float64)[keep] if inst is not None and "label_id" in inst
+           and len(inst) == len(candidates) else np.zeros(0))
     return Detections(
         image_id=image_id, width=int(width), height=int(height), class_names=list(class_names), boxes=boxes,
         scores=scores, labels=label(scores, list(class_names), rule.hierarchy),
         seg_scores=np.asarray(candidates.seg_scores, np.float64)[keep],
-        object_area=np.asarray(candidates.object_area, np.float64)[keep],
+        object_area=np.asarray(candidates.object_area, np.float64)[keep], label_ids=ids,
     )
 
 
@@ -205,6 +208,8 @@ class ImageResult:
     class_names: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     triage: Optional[float] = None  # the fitted image-level triage model's score, when there is one
+    labels: Optional[np.ndarray] = None  # H×W instance label plane (``label_id`` of each cell), when the source has one
+    info: dict = field(default_factory=dict)  # about the input: slide, µm/px, scale, tissue share
 
     @property
     def seconds(self) -> float:
@@ -257,6 +262,11 @@ class DetectionSystem:
         except ValueError as exc:
             raise CytoFuseError(f"{self.config.get('fusion_source', 'config')}: {exc}") from None
         self.triage = TriageModel.from_dict(self.config.get("triage")) if self.config.get("triage") else None
+        from .inputs import tissue_settings
+
+        tissue_settings(self.config)  # a bad tissue option is a usage error now, not one per image
+        self.coco_gt: Optional[Path] = None  # --coco-gt: number coco_results.json by this ground truth's ids
+        self.anonymise_key: Optional[Path] = None  # --anonymise: key file of the salted-hash image ids
 
     # ---------------------------------------------------------------- one image
 
@@ -270,8 +280,9 @@ class DetectionSystem:
                                           settings or self.settings, self.label)
 
     def run_image(self, image: np.ndarray, image_id: str) -> ImageResult:
-        """Detections and the probability map of one RGB uint8 image."""
-        image = np.asarray(image)
+        """Detections and the probability map of one RGB uint8 image (or a lazily read slide)."""
+        if not getattr(image, "lazy_rgb", False):  # a slide (cytocore.slides.LazyRGB) is read region by region
+            image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise DataError(f"image {image_id!r}: expected an RGB uint8 array (H, W, 3), got {image.dtype} {image.shape}")
         timings: dict[str, float] = {}
@@ -281,7 +292,8 @@ class DetectionSystem:
         detections = self.detect(image_id, cand, width, height)
         triage = self.triage.score(detections.scores) if self.triage is not None else None
         timings["fuse"] = time.perf_counter() - t0
-        return ImageResult(image_id, width, height, cand.probability, detections, list(self.class_names), timings, triage)
+        return ImageResult(image_id, width, height, cand.probability, detections, list(self.class_names), timings, triage,
+                           labels=cand.labels, info=dict(cand.info))
 
     # ---------------------------------------------------------------- a folder
 
@@ -295,8 +307,10 @@ class DetectionSystem:
         return identity_fingerprint({**self.source.identity(), "config": cfg, "hierarchy": self.rule.hierarchy})
 
     def read(self, source: ImageSource) -> np.ndarray:
-        return source.read(channel_order=str(self.config.get("channel_order", "RGB")),
-                           max_pixels=self.config.get("max_pixels"))
+        """A plain image decoded, or a whole slide opened for region reads (:class:`fusion.inputs.InputReader`)."""
+        from .inputs import InputReader
+
+        return InputReader(self.config).read(source.path)
 
     def run_sources(self, sources: Iterable[ImageSource], out_dir: PathLike, progress: bool = True,
                     failed: Sequence[dict] = (), shard: Optional[Shard] = None) -> RunReport:
@@ -307,7 +321,8 @@ class DetectionSystem:
         """
         from .outputs import DetectionRunWriter
 
-        writer = DetectionRunWriter(Path(out_dir), self.class_names, self.config, self.settings.floors)
+        writer = DetectionRunWriter(Path(out_dir), self.class_names, self.config, self.settings.floors,
+                                    coco_gt=self.coco_gt)
         return run_share(sources, lambda image, src: self.run_image(image, src.image_id), writer, self.fingerprint(),
                          shard, read=self.read, failed=failed, progress=progress, desc="infer")
 
@@ -320,14 +335,26 @@ class DetectionSystem:
         """
         from cytocore import runtime
 
-        sources, duplicates = folder_sources(images_dir)
+        from .inputs import list_inputs
+
+        sources, duplicates = folder_sources(images_dir, lister=list_inputs)
+        anonymiser = None
+        if self.anonymise_key is not None:  # every shard keys the whole folder: the key files agree
+            from .anonymous import anonymous_sources
+
+            sources, duplicates, anonymiser = anonymous_sources(sources, duplicates, self.anonymise_key)
         run = self.run_sources(sources, out_dir, progress, duplicates, shard)
+        if anonymiser is not None:
+            from .anonymous import scrub_failures
+
+            run.failed = scrub_failures(run.failed, anonymiser)
         if run.combined is None:
             return {**run.summary(), "shard": str(shard), "waiting_for": run.extra.get("waiting_for", []),
                     "n_detections": sum(int(r.get("n_detections", 0)) for r in run.records.values())}
         summary = {
             "system": self.system,
-            "images_dir": str(images_dir),
+            "images_dir": None if anonymiser is not None else str(images_dir),
+            "anonymised": anonymiser is not None,
             "out_dir": str(out_dir),
             **run.summary(),
             "n_detections": int(len(run.combined)),
@@ -339,6 +366,7 @@ class DetectionSystem:
             "versions": runtime.runtime_info(),
             "fingerprint": self.fingerprint(),
             "timings": {i: r.get("timings", {}) for i, r in run.records.items()},
+            "inputs": {i: {k: r.get(k) for k in ("slide", "mpp", "scale", "tissue_fraction")} for i, r in run.records.items()},
             "seconds_total_this_run": run.seconds,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -6,6 +6,7 @@ single-stage U-Net in ``experiments.baseline`` and the segmentation stage alone 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -53,7 +54,7 @@ class TwoStageSource:
     """
 
     def __init__(self, seg_path: PathLike, segmenter: Any, cls_path: PathLike, classifier: Any, seg_settings: Any,
-                 seg_score: str = "mean", batch_size: int = 32) -> None:
+                 seg_score: str = "mean", batch_size: int = 32, scale_config: Optional[Mapping[str, Any]] = None) -> None:
         self.seg_path, self.cls_path = Path(seg_path), Path(cls_path)
         self.segmenter, self.classifier = segmenter, classifier
         self.seg_settings = seg_settings
@@ -61,6 +62,8 @@ class TwoStageSource:
         self.batch_size = int(batch_size)
         self.class_names: list[str] = list(classifier.class_names)
         self._checkpoints: Optional[dict] = None
+        # --mpp and a user-chosen scale (fusion config): with the input's µm/px they set each input's scale
+        self.scale_config = dict(scale_config or {})
 
     @classmethod
     def load(cls, seg_checkpoint: PathLike, cls_checkpoint: PathLike, config: Mapping[str, Any],
@@ -84,15 +87,23 @@ class TwoStageSource:
         settings = resolve_settings(segmenter, config.get("segmentation"), "config segmentation")
         return cls(seg_checkpoint, segmenter, cls_checkpoint, classifier, settings,
                    seg_score=str(config.get("seg_score", "mean")),
-                   batch_size=int((config.get("classification") or {}).get("batch_size", 32)))
+                   batch_size=int((config.get("classification") or {}).get("batch_size", 32)),
+                   scale_config={"mpp": config.get("mpp"), "scale": config.get("scale"),
+                                 "segmentation": config.get("segmentation") or {}})
 
     def candidates(self, image: np.ndarray, timings: Optional[dict[str, float]] = None) -> Candidates:
         from classification.predict import classify_boxes
         from segmentation.predict import segment_image
 
+        from .inputs import input_record, scale_for, segmentation_model_for
+
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
-        seg = segment_image(image, self.segmenter, settings=self.seg_settings)
+        # the input's own scale (µm/px of a slide or --mpp vs the training µm/px), glass tiles skipped
+        choice = scale_for(image, self.segmenter, self.seg_settings.predict, self.scale_config,
+                           getattr(image, "name", "image"))
+        model, predict = segmentation_model_for(image, self.segmenter, self.seg_settings.predict, choice)
+        seg = segment_image(image, model, settings=dataclasses.replace(self.seg_settings, predict=predict))
         boxes = seg.boxes()
         t1 = time.perf_counter()
         if len(boxes):
@@ -104,7 +115,7 @@ class TwoStageSource:
         timings["segment"] = timings.get("segment", 0.0) + (t1 - t0)
         timings["classify"] = timings.get("classify", 0.0) + (t2 - t1)
         return Candidates(seg.probability, boxes, seg.scores(self.seg_score), seg.areas(), probs, instances=seg.instances,
-                          labels=seg.labels)
+                          labels=seg.labels, info=input_record(image, choice))
 
     def checkpoints(self) -> dict:
         if self._checkpoints is None:
