@@ -167,3 +167,20 @@ def test_segment_image_uses_the_head_channel_and_returns_the_label_plane():
     one_box_per_cell(result.instances, boxes)
     assert set(np.unique(result.labels)) == {0, *result.instances["label_id"].tolist()}
     assert segment_image(image, info, {"tile": 128, "context": 0, "overlap": 0}, labels_out=False).labels is None
+
+
+@pytest.mark.slow
+def test_ceiling_on_real_data_at_the_shipped_configs_scale():
+    from cytocore.config import read_yaml
+    from segmentation.ceiling import run_ceiling
+    from segmentation.train import load_seg_config
+    from tests.conftest import REPO, shared_dataset
+
+    monusac = run_ceiling(load_seg_config(REPO / "experiments/configs/seg_monusac.yaml"), data=shared_dataset("monusac"),
+                          progress=False)
+    assert monusac["scale"] == 0.75 and monusac["accuracy"] >= 0.97
+    bccd_seg = read_yaml(REPO / "experiments/configs/bccd.yaml")["seg"]
+    cfg = load_seg_config(overrides=[f"data.scale={bccd_seg['data']['scale']}",
+                                     f"postprocess.min_area={bccd_seg['postprocess']['min_area']}"])
+    bccd = run_ceiling(cfg, data=shared_dataset("bccd"), fmt="voc", progress=False)
+    assert all(v >= 0.97 for v in bccd["ap50"].values()), bccd["ap50"]
