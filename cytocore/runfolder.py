@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, Union
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from .atomic import write_json
 from .errors import CytoFuseError, DataError
 from .imageio import DEFAULT_MAX_PIXELS, list_images, probability_to_uint8, read_image, write_png
 from .planes import release
+from .prefetch import prefetch
 
 log = logging.getLogger("cytofuse")
 
@@ -49,6 +51,9 @@ SALIENCY_DIR = "saliency"
 #: Exit status of a run in which some inputs failed but the others finished (0: all done,
 #: 2: usage or configuration error, 1: anything unexpected).
 EXIT_SOME_FAILED = 3
+
+#: Read the next image and write the previous one's files while the networks work on this one.
+OVERLAP = False
 
 #: Errors that fail one image, not the run. Anything else is a bug and stops the run.
 IMAGE_ERRORS = (CytoFuseError, MemoryError, ValueError, RuntimeError, OSError)
@@ -195,15 +200,22 @@ def run_images(
     failed: Sequence[dict] = (),
     progress: bool = True,
     desc: str = "images",
+    overlap: Optional[bool] = None,
 ) -> RunReport:
     """Run ``process`` on every image not already finished with ``fingerprint``; write through ``writer``.
 
     ``failed`` are inputs already left out by the caller (e.g. duplicate ids), reported with the rest.
     Ctrl-C stops between files: finished images keep their records and the next run continues.
+
+    With ``overlap`` (default: the module's :data:`OVERLAP`) the three steps of consecutive images run at the same time: the next image is
+    read on one background thread and the previous image's files are written on another while
+    ``process`` (the networks, which release the GIL) works on this one. Results, records and
+    failures are the same as without it; at most three images are in memory.
     """
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    overlap = OVERLAP if overlap is None else bool(overlap)
     started = time.time()
     sources = list(sources)
     records: dict[str, Optional[dict]] = {}
@@ -218,26 +230,90 @@ def run_images(
     if skipped:
         log.info("%d of %d images already done in %s: skipped (delete %s/ to redo them)", skipped, len(sources),
                  writer.out, PARTS_DIR)
-    with logging_redirect_tqdm():
-        for source in tqdm(todo, desc=desc, unit="img", disable=not progress or not todo):
+
+    def fail(source: ImageSource, exc: BaseException) -> None:
+        remove_image_files(writer, source.image_id)
+        failures.append({"image": str(source.path), "error": _one_line(exc)})
+        log.warning("skipped %s: %s", source.name, failures[-1]["error"])
+        log.debug("traceback", exc_info=exc)
+
+    def finish(source: ImageSource, write: Callable[[], dict]) -> None:
+        try:
+            record = write()
+        except IMAGE_ERRORS as exc:
+            fail(source, exc)
+            return
+        record = {**record, "fingerprint": fingerprint}
+        write_json(record_path(writer.out, source.image_id), record)  # last: marks the image as done
+        records[source.image_id] = record
+
+    with logging_redirect_tqdm(), _Writes(overlap) as writes:
+        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo)
+        for source, image, error in prefetch(_read_all(todo, read), depth=1 if overlap else 0):
             remove_image_files(writer, source.image_id)
-            try:
-                image = read(source)
-                result = process(image, source)
-                record = writer.write_image(source, image, result)
-            except IMAGE_ERRORS as exc:
-                remove_image_files(writer, source.image_id)
-                failures.append({"image": str(source.path), "error": _one_line(exc)})
-                log.warning("skipped %s: %s", source.name, failures[-1]["error"])
-                log.debug("traceback", exc_info=True)
-                continue
-            record = {**record, "fingerprint": fingerprint}
-            write_json(record_path(writer.out, source.image_id), record)  # last: marks the image as done
-            records[source.image_id] = record
+            if error is None:
+                try:
+                    result = process(image, source)
+                except IMAGE_ERRORS as exc:
+                    error = exc
+            if error is not None:
+                fail(source, error)
+            else:
+                writes.submit(source, lambda s=source, i=image, r=result: writer.write_image(s, i, r), finish)
+            del image
+            bar.update(1)
+        writes.wait()
+        bar.close()
     done = {i: r for i, r in records.items() if r is not None}
     combined = writer.write_combined(done)
     return RunReport(n_images=len(sources) + len(failed), records=done, failed=failures, n_skipped=skipped,
                      combined=combined, seconds=round(time.time() - started, 3))
+
+
+def _read_all(todo: Sequence[ImageSource], read: Callable[[ImageSource], np.ndarray]) -> Iterator[tuple]:
+    """``(source, image, None)`` or ``(source, None, error)`` for each image, in order."""
+    for source in todo:
+        try:
+            yield source, read(source), None
+        except IMAGE_ERRORS as exc:
+            yield source, None, exc
+
+
+class _Writes:
+    """Image outputs written on one background thread (``overlap``) or at once; one write in flight.
+
+    Waiting for the previous image's write before handing over the next bounds memory and keeps
+    records in input order; on Ctrl-C the write in flight still finishes, so no half-written image
+    is left and a finished one keeps its record.
+    """
+
+    def __init__(self, overlap: bool) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cytofuse-write") if overlap else None
+        self.pending: Optional[tuple[Any, Any, Callable]] = None
+
+    def submit(self, source: ImageSource, write: Callable[[], dict], finish: Callable) -> None:
+        self.wait()
+        if self.pool is None:
+            finish(source, write)
+            return
+        self.pending = (source, self.pool.submit(write), finish)
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        source, future, finish = self.pending
+        self.pending = None
+        finish(source, future.result)
+
+    def __enter__(self) -> "_Writes":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
 
 def write_saliency(path: Path, plane: np.ndarray) -> None:

@@ -39,6 +39,7 @@ from . import distributed as dist
 from . import runtime
 from .atomic import write_json, write_text
 from .errors import CheckpointError
+from .prefetch import prefetch
 
 log = logging.getLogger("cytofuse")
 
@@ -69,6 +70,7 @@ class LoopConfig:
     monitor_mode: str = "max"  # max | min
     time_budget_minutes: Optional[float] = None  # stop when used up; the schedule follows it
     progress: bool = True
+    prefetch: int = 0  # batches drawn and augmented ahead on a background thread while the step runs (0: none)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
@@ -384,7 +386,8 @@ def train(
         t_epoch = time.time()
         bar = tqdm(total=cfg.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
                    leave=False, unit="step")
-        for i, batch in enumerate(task.batches(epoch, rng)):
+        batches = prefetch(task.batches(epoch, rng), depth=int(cfg.prefetch))
+        for i, batch in enumerate(batches):
             seconds = used()
             if i >= cfg.steps_per_epoch or (budget_s is not None and seconds >= budget_s):
                 break
@@ -398,6 +401,7 @@ def train(
             seen += len(batch[0]) * dist.size()
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{lr_now:.2e}")
+        batches.close()  # the producer thread ends before validation uses the cores
         bar.close()
         train_seconds = time.time() - t_epoch
         net.set_train(False)

@@ -99,3 +99,14 @@ def test_time_budget_stops_early_with_the_schedule_run_down(tmp_path):
     lr_floor = cfg.optimizer.lr * cfg.optimizer.min_lr_ratio
     # The cosine followed the budget: the last step ran near the floor, not near the start value.
     assert result.history[-1]["lr"] < lr_floor + 0.2 * (cfg.optimizer.lr - lr_floor)
+
+
+def test_background_prefetch_trains_the_same_weights(tmp_path):
+    from dataclasses import replace
+
+    plain = _task()
+    train(plain, _cfg(2), tmp_path / "plain")
+    ahead = _task()
+    train(ahead, replace(_cfg(2), prefetch=2), tmp_path / "ahead")
+    for a, b in zip(_weights(plain.network), _weights(ahead.network)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -219,12 +219,16 @@ def bench_fused(args: argparse.Namespace, tmp: Path) -> dict:
     for ckpt in (seg, cls):
         export_checkpoint(ckpt)
     out: dict[str, Any] = {}
-    for backend in ("mindspore", "onnxruntime"):
+    for backend in args.fused_backends:
         target = tmp / f"fused_{backend}.json"
         cmd = [sys.executable, "-m", "experiments.benchmarks.infer_speed", "--size", str(args.fused_size),
                "--images", str(args.fused_images), "--threads", str(args.threads), "--backend", backend,
                "--seg", str(seg), "--cls", str(cls), "--json", str(target)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.fused_timeout)
+        except subprocess.TimeoutExpired:
+            out[backend] = {"error": f"not finished within {args.fused_timeout} s (--fused-timeout)"}
+            continue
         if proc.returncode != 0 or not target.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             out[backend] = {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
@@ -234,7 +238,7 @@ def bench_fused(args: argparse.Namespace, tmp: Path) -> dict:
                                                  "seconds_classify_median", "peak_rss_mb", "detections_per_image_median",
                                                  "seconds_first_image_with_compile", "peak_rss_after_setup_mb")}
     ok = all("error" not in v for v in out.values())
-    if ok:
+    if ok and len(out) == 2:
         out["ratio_speed_onnxruntime_vs_mindspore"] = _ratio(out["mindspore"]["seconds_per_image_median"],
                                                              out["onnxruntime"]["seconds_per_image_median"])
         out["ratio_peak_rss_onnxruntime_vs_mindspore"] = _ratio(out["onnxruntime"]["peak_rss_mb"],
@@ -250,6 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["unet", "cls", "train", "fused"])
     parser.add_argument("--fused-size", type=int, default=2048)
     parser.add_argument("--fused-images", type=int, default=1, help="timed images per backend after a warm-up one")
+    parser.add_argument("--fused-backends", nargs="+", default=["mindspore", "onnxruntime"], choices=["mindspore", "onnxruntime"])
+    parser.add_argument("--fused-timeout", type=float, default=1800, help="seconds before a fused child run is abandoned")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
