@@ -66,6 +66,39 @@ def _frame(rng, size: int):
     return np.ascontiguousarray(np.tile(base, (reps, reps, 1))[:size, :size])
 
 
+def _stub_classifier(num_classes: int):
+    """Stands in for the EfficientNet (a NumPy callable, as the ONNX backend is): a score from each
+    crop's mean, so the crops are still cut, batched and normalised."""
+    import numpy as np
+
+    def run(batch):
+        return np.repeat(-np.asarray(batch).mean(axis=(1, 2, 3))[:, None], num_classes, axis=1).astype(np.float32)
+
+    return run
+
+
+class _StubSegmenter:
+    """Stands in for the U-Net with its checkpoint's settings: logits high where the stain is dark."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    @staticmethod
+    def network(batch):
+        import numpy as np
+
+        return (-4.0 * batch.mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _stub_networks(pipeline) -> None:
+    source = pipeline.source
+    source.segmenter = _StubSegmenter(source.segmenter)
+    source.classifier.network = _stub_classifier(len(source.class_names))
+
+
 def _compare_sizes(sizes: list[int], passthrough: list[str]) -> int:
     """Run this benchmark once per size, each in a fresh process, and print the figures side by side."""
     import subprocess
@@ -104,6 +137,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "mindspore"], default="mindspore",
                         help="inference engine of both networks (onnxruntime: exported first, not timed)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--stub-networks", action="store_true",
+                        help="replace both networks by NumPy stand-ins (dark pixels are cells; a fixed class score): "
+                             "measures the memory and time of everything around them in minutes on a busy machine")
+    parser.add_argument("--write", action="store_true",
+                        help="also write each image's outputs as `cytofuse infer` does (in the timing and the peak)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
                         help="compare these image sizes, each in its own process (e.g. 2048 8192)")
     parser.add_argument("--warmup-size", type=int, default=1024,
@@ -113,7 +151,7 @@ def main(argv=None) -> int:
         passthrough = ["--images", str(args.images), "--threads", str(args.threads), "--seg-scale", str(args.seg_scale),
                        "--warmup-size", str(args.warmup_size)]
         passthrough += [x for flag, value in (("--seg", args.seg), ("--cls", args.cls)) if value for x in (flag, value)]
-        passthrough += [x for o in args.overrides for x in ("--set", o)]
+        passthrough += [x for o in args.overrides for x in ("--set", o)] + (["--stub-networks"] if args.stub_networks else []) + (["--write"] if args.write else [])
         return _compare_sizes(args.sizes, passthrough)
 
     import numpy as np
@@ -131,6 +169,14 @@ def main(argv=None) -> int:
             seg, cls = _untrained_checkpoints(Path(tmp), args.seg_scale)
         pipeline = Pipeline(seg, cls, overrides=[*args.overrides, f"runtime.threads={args.threads}",
                                                   f"runtime.backend={args.backend}"])
+        if args.stub_networks:
+            _stub_networks(pipeline)
+        writer = None
+        if args.write:  # what `cytofuse infer` writes per image: saliency PNG, overlay, GeoJSON, part
+            from cytocore.runfolder import ImageSource
+            from fusion.outputs import DetectionRunWriter
+
+            writer = DetectionRunWriter(Path(tmp) / "out", pipeline.class_names, pipeline.config, pipeline.settings.floors)
         rng = np.random.default_rng(0)
         rss_loaded = _peak_rss_mb()
         timings, objects = [], []
@@ -139,6 +185,8 @@ def main(argv=None) -> int:
             image = _frame(rng, min(args.size, args.warmup_size) if k == 0 else args.size)
             t0 = time.perf_counter()
             result = pipeline.run_image(image, f"bench_{k}")
+            if writer is not None:
+                writer.write_image(ImageSource(f"bench_{k}", Path(f"bench_{k}.png")), image, result)
             seconds = time.perf_counter() - t0
             if k == 0:
                 warm = seconds
@@ -152,6 +200,8 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "backend": args.backend,
         "checkpoints": "given" if trained else "untrained unet_small (scale %.2f) + efficientnet_b0" % args.seg_scale,
+        "networks": "NumPy stand-ins (--stub-networks)" if args.stub_networks else "the checkpoints'",
+        "outputs_written": bool(args.write),
         "images_timed": len(per_image),
         "seconds_per_image_median": round(statistics.median(per_image), 3),
         "seconds_per_image_mean": round(statistics.fmean(per_image), 3),
