@@ -186,3 +186,13 @@ def gaussian_importance_map(shape: Pair, sigma_scale: float = 0.125, min_weight:
         return np.maximum(g / g.max(), min_weight)
 
     return np.outer(profile(h), profile(w)).astype(np.float32)
+
+
+def box_window(box: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Integer ``(y0, y1, x0, x1)`` of the pixels a box touches, clipped to the image."""
+    h, w = shape
+    x0 = int(np.clip(np.floor(box[0]), 0, w))
+    y0 = int(np.clip(np.floor(box[1]), 0, h))
+    x1 = int(np.clip(np.ceil(box[2]), 0, w))
+    y1 = int(np.clip(np.ceil(box[3]), 0, h))
+    return y0, y1, x0, x1

@@ -19,23 +19,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage as ndi
 
 from cytocore.errors import DataError
 from cytocore.records import ImageRecord
 
+from .predict import resize_plane  # noqa: F401 (also used by the tests from here)
+
 log = logging.getLogger("cytofuse")
 
 PathLike = Union[str, Path]
-
-
-def resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A float plane resized to ``size = (width, height)`` with PIL's bilinear filter (as prediction does)."""
-    if (plane.shape[1], plane.shape[0]) == tuple(size):
-        return np.asarray(plane, np.float32)
-    img = Image.fromarray(np.ascontiguousarray(plane, np.float32), mode="F")
-    return np.asarray(img.resize(tuple(size), Image.BILINEAR), np.float32)
 
 
 def perfect_maps(record: ImageRecord, cfg: dict, blur: float = 0.0) -> tuple[np.ndarray, Optional[np.ndarray]]:

@@ -34,7 +34,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage as ndi
 
-from .targets import box_window
+from cytocore.tiling import box_window
 
 HEAD_KINDS = ("distance", "centre")
 #: Head targets are stored as uint8 (0..255) in the patch sampler: memory of a mask, not of a float map.

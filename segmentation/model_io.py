@@ -40,7 +40,7 @@ class Segmenter:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """NCHW float32 (normalised by ``to_network_input``) → NCHW logits as NumPy (either backend)."""
-        from .predict import model_info
+        from .network import model_info
 
         n, _, h, w = batch.shape
         if h % self.multiple or w % self.multiple:
@@ -51,7 +51,7 @@ class Segmenter:
     def instance_channels(self) -> int:
         """Trailing output channels that are the instance head (0 for models without one); from the
         network, or the checkpoint's model block when the network is an ONNX Runtime session."""
-        from .predict import instance_channels_of
+        from .network import instance_channels_of
 
         return instance_channels_of(self.network, self.meta)
 

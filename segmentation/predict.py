@@ -32,11 +32,10 @@ import copy
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -52,6 +51,7 @@ from cytocore.prefetch import prefetch
 from cytocore.preprocess import to_network_input
 from cytocore.tiling import TileGrid, gaussian_importance_map, reflect_indices, tile_grid
 
+from .network import ModelInfo, NetworkFn, instance_channels_of, model_info  # noqa: F401 (re-exported)
 from .postprocess import find_class_instances, find_instances, postprocess_config
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cytofuse")
 
 PathLike = Union[str, Path]
-NetworkFn = Callable[[np.ndarray], np.ndarray]
 
 #: Prediction parameters and their defaults (the ``predict:`` block of a YAML config).
 DEFAULT_PREDICT: dict = {
@@ -108,85 +107,6 @@ def predict_config(cfg: Optional[dict] = None) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------ the model
-
-@dataclass
-class ModelInfo:
-    """What prediction needs to know about a model, whatever form it was given in."""
-
-    fn: NetworkFn
-    scale: float = 1.0
-    multiple: Optional[int] = None  # tile sides must be multiples of this (None: unknown)
-    class_names: Optional[list[str]] = None
-    threshold: Optional[float] = None  # the checkpoint's validated foreground threshold
-    meta: Optional[dict] = None
-    instance_channels: int = 0  # trailing output channels that are the instance head (sigmoid)
-
-
-def _mindspore_cell_fn(cell: Any) -> NetworkFn:
-    import mindspore as ms
-
-    cell.set_train(False)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        out = cell(ms.Tensor(batch))
-        if isinstance(out, (tuple, list)):  # deep supervision heads: the first is the full-resolution one
-            out = out[0]
-        return out.asnumpy()
-
-    return run
-
-
-def _is_mindspore_cell(obj: Any) -> bool:
-    ms = sys.modules.get("mindspore")
-    return ms is not None and isinstance(obj, ms.nn.Cell)
-
-
-def _multiple_of(network: Any, meta: Optional[dict]) -> Optional[int]:
-    """The U-Net's input-size multiple, from the network itself or its checkpoint metadata."""
-    multiple = getattr(network, "multiple", None)
-    if isinstance(multiple, (int, np.integer)) and multiple > 1:
-        return int(multiple)
-    meta = meta if isinstance(meta, dict) else {}
-    model_meta = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-    depth = meta.get("depth") or model_meta.get("depth")
-    return 2 ** (int(depth) - 1) if depth else None
-
-
-def instance_channels_of(network: Any, meta: Optional[dict] = None) -> int:
-    """How many trailing output channels are the instance head: the network's attribute, else the
-    checkpoint's model block (older checkpoints have none: 0)."""
-    n = getattr(network, "instance_channels", None)
-    if isinstance(n, (int, np.integer)):
-        return int(n)
-    model_meta = (meta or {}).get("model") if isinstance(meta, dict) else None
-    return int((model_meta or {}).get("instance_channels") or 0) if isinstance(model_meta, dict) else 0
-
-
-def model_info(model: Any) -> ModelInfo:
-    """Accept a Segmenter, a MindSpore Cell, or a NumPy callable (NCHW float32 → NCHW logits)."""
-    if hasattr(model, "network") and not callable(getattr(model, "construct", None)):
-        network = model.network
-        meta = getattr(model, "meta", None)
-        names = getattr(model, "class_names", None)
-        threshold = getattr(model, "threshold", None)
-        return ModelInfo(
-            fn=model_info(network).fn,
-            scale=float(getattr(model, "scale", 1.0) or 1.0),
-            multiple=_multiple_of(model, None) or _multiple_of(network, meta),
-            class_names=list(names) if names is not None else None,
-            threshold=float(threshold) if threshold is not None else None,
-            meta=meta if isinstance(meta, dict) else None,
-            instance_channels=instance_channels_of(network, meta if isinstance(meta, dict) else None),
-        )
-    if _is_mindspore_cell(model):
-        return ModelInfo(fn=_mindspore_cell_fn(model), multiple=_multiple_of(model, None),
-                         instance_channels=instance_channels_of(model))
-    if callable(model):
-        return ModelInfo(fn=lambda batch: np.asarray(model(batch), dtype=np.float32))
-    raise CytoFuseError(f"cannot predict with a {type(model).__name__}: give a Segmenter, a MindSpore Cell or a callable")
-
-
 def _activate(logits: np.ndarray, activation: str, instance_channels: int = 0) -> np.ndarray:
     """Semantic channels by ``activation``; the trailing instance-head channels always by sigmoid."""
     from scipy.special import expit, softmax
@@ -229,6 +149,14 @@ def _predict_batch(fn: NetworkFn, batch: np.ndarray, cfg: dict, instance_channel
 def scaled_shape(shape: Sequence[int], scale: float) -> tuple[int, int]:
     """Image size after resizing by ``scale`` (at least one pixel)."""
     return max(1, int(round(shape[0] * scale))), max(1, int(round(shape[1] * scale)))
+
+
+def resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A float plane resized to ``size = (width, height)`` with PIL's bilinear filter (as prediction does)."""
+    if (plane.shape[1], plane.shape[0]) == tuple(size):
+        return np.asarray(plane, np.float32)
+    img = Image.fromarray(np.ascontiguousarray(plane, np.float32), mode="F")
+    return np.asarray(img.resize(tuple(size), Image.BILINEAR), np.float32)
 
 
 def _support(src_len: int, dst_len: int) -> int:

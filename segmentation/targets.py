@@ -45,6 +45,7 @@ from skimage import draw, filters, measure, morphology
 from cytocore.errors import DataError
 from cytocore.imageio import read_mask
 from cytocore.records import ImageRecord
+from cytocore.tiling import box_window
 
 TARGET_KINDS = ("auto", "mask", "ellipse", "refined")
 MODES = ("binary", "classes")
@@ -113,16 +114,6 @@ def recommended_scale(records: Sequence[ImageRecord], min_pixels: float = MIN_CE
 
 
 # ------------------------------------------------------------------------------------ box shapes
-
-
-def box_window(box: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Integer ``(y0, y1, x0, x1)`` of the pixels a box touches, clipped to the image."""
-    h, w = shape
-    x0 = int(np.clip(np.floor(box[0]), 0, w))
-    y0 = int(np.clip(np.floor(box[1]), 0, h))
-    x1 = int(np.clip(np.ceil(box[2]), 0, w))
-    y1 = int(np.clip(np.ceil(box[3]), 0, h))
-    return y0, y1, x0, x1
 
 
 def ellipse_in_box(box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

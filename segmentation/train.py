@@ -129,7 +129,7 @@ class Validator:
 
     def full_size(self, sample: Any, semantic: np.ndarray, head: Optional[np.ndarray]) -> Any:
         """One image's maps resized to its original size (as prediction does) with its boxes there."""
-        from .ceiling import resize_plane
+        from .predict import resize_plane
         from .selection import ValImage
 
         h, w = sample.full_size or sample.size
