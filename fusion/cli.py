@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seg", required=True, metavar="CKPT", help="segmentation checkpoint (best.ckpt of `cytofuse seg train`)")
     p.add_argument("--cls", required=True, metavar="CKPT", help="classifier checkpoint (best.ckpt of `cytofuse cls train`)")
-    p.add_argument("--images", required=True, metavar="DIR", help="folder of images (.bmp, .png, .jpg, .tif)")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images (.bmp, .png, .jpg, .tif) and/or whole slides (.svs, .ndpi, .scn, .bif, "
+                        "pyramidal .tif; .mrxs with the [openslide] extra)")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--config", default=None, metavar="YAML", help="fusion config overriding fusion/configs/default.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",

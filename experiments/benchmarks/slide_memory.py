@@ -120,8 +120,10 @@ def main(argv=None) -> int:
                    "plain_run": run_infer(seg, cls, root / "plain", root / "out_plain", ["--set", "tissue.enabled=true"])}
         a = pd.read_csv(root / "out_slide" / "detections.csv")
         b = pd.read_csv(root / "out_plain" / "detections.csv")
-        cols = [c for c in a.columns if c != "image_id"]
-        same = len(a) == len(b) and np.allclose(a[cols].to_numpy(float), b[cols].to_numpy(float), equal_nan=True)
+        numeric = [c for c in a.columns if c not in ("image_id", "label")]
+        same = (list(a.columns) == list(b.columns) and len(a) == len(b)
+                and np.array_equal(a["label"].astype(str).to_numpy(), b["label"].astype(str).to_numpy())
+                and np.allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), equal_nan=True))
         figures.update(n_detections_slide=len(a), n_detections_plain=len(b), identical_detections=bool(same),
                        rss_slide_minus_small_mb=round(figures["slide_run"]["peak_rss_mb"] - figures["small_run"]["peak_rss_mb"], 1))
         run = json.loads((root / "out_slide" / "run.json").read_text())
