@@ -14,17 +14,9 @@ pytest.importorskip("tiffslide", reason="the [slides] extra (tiffslide) is not i
 
 def write_pyramid(path, image: np.ndarray, mpp: float = 0.5, levels: int = 3, tile: int = 128) -> None:
     """A tiled pyramidal RGB TIFF with µm/px in its resolution tags, as scanners' generic TIFF export."""
-    import tifffile
-    from PIL import Image
+    from experiments.benchmarks.slide_memory import write_pyramid as write
 
-    res = 1e4 / mpp  # pixels per centimetre
-    opts = dict(tile=(tile, tile), photometric="rgb", compression="zlib")
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(image, subifds=levels - 1, resolution=(res, res), resolutionunit="CENTIMETER", **opts)
-        for k in range(1, levels):
-            f = 2 ** k
-            small = np.asarray(Image.fromarray(image).resize((image.shape[1] // f, image.shape[0] // f), Image.BOX))
-            tif.write(small, subfiletype=1, resolution=(res / f, res / f), resolutionunit="CENTIMETER", **opts)
+    write(path, image, mpp, levels=levels, tile=tile)
 
 
 def _tissue_on_glass(h=600, w=900):
