@@ -233,7 +233,7 @@ def run_images(
 
     def fail(source: ImageSource, exc: BaseException) -> None:
         remove_image_files(writer, source.image_id)
-        failures.append({"image": str(source.path), "error": _one_line(exc)})
+        failures.append({"image": str(source.path), "error": _one_line(exc, source.path)})
         log.warning("skipped %s: %s", source.name, failures[-1]["error"])
         log.debug("traceback", exc_info=exc)
 
@@ -322,9 +322,12 @@ def write_saliency(path: Path, plane: np.ndarray) -> None:
     release(plane)  # a disk plane (huge image): the pages the encoder read
 
 
-def _one_line(exc: BaseException) -> str:
-    """A failure in one line: our own errors as they are, others prefixed with their type."""
+def _one_line(exc: BaseException, path: Optional[Path] = None) -> str:
+    """A failure in one line: our own errors as they are (without a leading ``path: ``, which the
+    failure's ``image`` already names), others prefixed with their type."""
     if isinstance(exc, CytoFuseError):
-        return " ".join(str(exc).split())
+        text = " ".join(str(exc).split())
+        prefix = f"{path}: " if path is not None else None
+        return text[len(prefix):] if prefix and text.startswith(prefix) else text
     message = " ".join(str(exc).split())[:300]
     return f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__
