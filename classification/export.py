@@ -18,7 +18,7 @@ from cytocore import onnx_backend as ox
 from cytocore.errors import CheckpointError
 
 from .model import build_network
-from .model_io import STAGE, Classifier, read_classifier_meta
+from .classifier import STAGE, Classifier, read_classifier_meta
 
 log = logging.getLogger("cytofuse")
 

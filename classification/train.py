@@ -25,7 +25,8 @@ from .metrics import classification_metrics, format_metrics
 from .model import ModelConfig, build_network, count_parameters, make_loss, probabilities
 from cytocore.mpp import training_mpp
 
-from .model_io import Classifier, checkpoint_meta, load_initial_weights, tta_views
+from .classifier import Classifier, checkpoint_meta, tta_views
+from .model_io import load_initial_weights
 from .proposals import ProposalConfig, ProposalPool, proposal_pool, read_proposals
 
 log = logging.getLogger("cytofuse")

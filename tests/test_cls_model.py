@@ -6,7 +6,8 @@ import pytest
 
 from classification.crops import CropConfig
 from classification.model import ModelConfig, build_network, make_loss, probabilities, set_classifier_dropout
-from classification.model_io import Classifier, checkpoint_meta, load_classifier, load_initial_weights
+from classification.classifier import Classifier, checkpoint_meta
+from classification.model_io import load_classifier, load_initial_weights
 from cytocore import runtime
 from cytocore.errors import CheckpointError, CytoFuseError
 

@@ -7,7 +7,8 @@ import pytest
 
 from classification.crops import CropConfig
 from classification.model import ModelConfig, build_network
-from classification.model_io import checkpoint_meta, load_classifier
+from classification.classifier import checkpoint_meta
+from classification.model_io import load_classifier
 from classification.predict import classify_boxes, read_box_csv
 from cytocore import runtime
 from cytocore.errors import DataError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from classification.model_io import tta_views
+from classification.classifier import tta_views
 
 
 def test_tta_views_are_the_mirrors_and_rotations():

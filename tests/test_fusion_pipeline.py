@@ -29,7 +29,7 @@ CONFIG = {
 def checkpoints(tmp_path_factory):
     from classification.crops import CropConfig
     from classification.model import ModelConfig, build_network
-    from classification.model_io import checkpoint_meta
+    from classification.classifier import checkpoint_meta
     from cytocore import runtime
     from segmentation.unet import create_unet, resolve_model_config
 

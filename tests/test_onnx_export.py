@@ -42,7 +42,7 @@ def _seg_checkpoint(folder, name, options, config=None):
 def _cls_checkpoint(folder, name="cls", names=NAMES, seed=0):
     from classification.crops import CropConfig
     from classification.model import ModelConfig, build_network
-    from classification.model_io import checkpoint_meta
+    from classification.classifier import checkpoint_meta
     from cytocore import runtime
 
     runtime.setup(seed=seed, threads=2)

@@ -220,7 +220,7 @@ def test_the_cam_uses_the_most_specific_set_class():
 def _tiny_classifier(path: Path, classes) -> Path:
     from classification.crops import CropConfig
     from classification.model import ModelConfig, build_network
-    from classification.model_io import checkpoint_meta
+    from classification.classifier import checkpoint_meta
     from cytocore import runtime
 
     runtime.setup(seed=0)

@@ -38,7 +38,7 @@ def _parse_model(spec: str) -> list[str]:
 def measure(spec: str, data: Path, size: int, batch: int, steps: int, out: Path) -> dict:
     from classification.attribution import gradcam
     from classification.model import count_parameters
-    from classification.model_io import Classifier
+    from classification.classifier import Classifier
     from classification.predict import classify_boxes
     from classification.train import build_setup, load_cls_config, make_task
     from cytocore.imageio import read_image

@@ -38,7 +38,7 @@ def _peak_rss_mb() -> float:
 def _untrained_checkpoints(folder: Path, seg_scale: float) -> tuple[Path, Path]:
     from classification.crops import CropConfig
     from classification.model import ModelConfig, build_network
-    from classification.model_io import checkpoint_meta
+    from classification.classifier import checkpoint_meta
     from cytocore import runtime
     from segmentation.unet import create_unet, resolve_model_config
 
