@@ -1,8 +1,7 @@
 """The challenge's official detection metric: FROC per class with IoP > 0.5 and the ignore rule.
 
 It lives in ``cytocore`` because the segmentation stage chooses its checkpoint and post-processing
-thresholds by it on the validation split, and a stage may not import ``experiments``
-(``experiments.metric`` re-exports it).
+thresholds by it on the validation split, and a stage may not import ``experiments``.
 
 The definition (ARCHITECTURE.md, "The official metric") is greedy matching at each threshold.
 Re-matching from scratch at every distinct score would be quadratic; it is not needed, because at a

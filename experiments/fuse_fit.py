@@ -127,7 +127,7 @@ def collect_candidates(pipeline, records: Sequence[ImageRecord], progress: bool 
 
 def candidate_targets(boxes: np.ndarray, record: ImageRecord, n_classes: int) -> np.ndarray:
     """``(N, K)`` 0/1: candidate hits a class-c ground-truth box by the metric's test (IoP > 0.5)."""
-    from .metric import IOP_THRESHOLD, iop_matrix
+    from cytocore.froc import IOP_THRESHOLD, iop_matrix
 
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     targets = np.zeros((len(boxes), n_classes), np.uint8)

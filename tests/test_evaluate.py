@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from cytocore.errors import DataError
+from cytocore.froc import class_froc
 from cytocore.imageio import write_png
 from cytocore.records import Dataset, ImageRecord
 from experiments.evaluate import evaluate, format_table
 from experiments.explain_auc import roc_auc_uint8
-from experiments.metric import class_froc
 
 SIZE = 400
 REQUIRED_KEYS = {"froc", "accuracy", "explainability_auc", "model_score", "ap50", "n_images"}

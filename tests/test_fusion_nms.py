@@ -76,7 +76,7 @@ def test_shrink_about_the_centre():
 
 
 def test_shrink_raises_iop_of_a_slightly_loose_box():
-    from experiments.metric import iop_matrix
+    from cytocore.froc import iop_matrix
 
     gt = np.array([[100, 100, 120, 120]], float)
     loose = np.array([[95, 95, 125, 126]], float)  # centred on the cell, a few px too big

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.metric import FP, FP_RATES, IGNORED, TP, class_froc, iop_matrix, match_predictions
+from cytocore.froc import FP, FP_RATES, IGNORED, TP, class_froc, iop_matrix, match_predictions
 
 # --- the organisers' worked example, built from geometry -------------------------------------------
 # 3 images, 5 ground-truth boxes (all of one class).
