@@ -127,12 +127,12 @@ def segmentation_model_for(image: Any, segmenter: Any, predict: Mapping[str, Any
     """The model and predict options for one input: its scale, and glass tiles skipped when it has a tissue mask.
 
     Returns ``(model, predict)`` for :func:`segmentation.predict.segment_image`: the segmenter
-    itself, or a :class:`~segmentation.predict.ModelInfo` whose network function skips constant tiles.
+    itself, or a :class:`~segmentation.network.ModelInfo` whose network function skips constant tiles.
     """
     import dataclasses
 
     from segmentation.blank_tiles import BlankTileSkipper
-    from segmentation.predict import model_info
+    from segmentation.network import model_info
 
     options = {**dict(predict), "scale": choice.scale}
     if getattr(image, "tissue", None) is None:

@@ -2,7 +2,7 @@
 
 A whole slide is mostly glass. :class:`cytocore.slides.LazyRGB` returns glass (outside the tissue
 mask) as one constant colour, so a tile that lies entirely on glass is constant in every channel.
-:class:`BlankTileSkipper` wraps the network function of :func:`segmentation.predict.model_info`: the
+:class:`BlankTileSkipper` wraps the network function of :func:`segmentation.network.model_info`: the
 tiles of a batch that are constant get logits meaning "background, no instance" (probability ~0 after
 the sigmoid/softmax) without a forward pass; the others go through the network, the batch padded to
 a power of two (as ``predict.pad_batch`` does) so a graph-mode network compiles few shapes.

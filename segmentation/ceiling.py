@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from cytocore.errors import DataError
 from cytocore.records import ImageRecord
 
-from .predict import resize_plane  # noqa: F401 (also used by the tests from here)
+from .predict import resize_plane
 
 log = logging.getLogger("cytofuse")
 

@@ -27,7 +27,7 @@ import numpy as np
 from cytocore import onnx_backend as ox
 from cytocore.errors import CheckpointError
 
-from .model_io import STAGE, Segmenter, segmenter_from_meta, segmenter_settings
+from .segmenter import STAGE, Segmenter, segmenter_from_meta, segmenter_settings
 
 log = logging.getLogger("cytofuse")
 

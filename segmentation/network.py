@@ -1,9 +1,9 @@
 """What prediction needs to know about a segmentation model, whatever form it is given in.
 
-A :class:`~segmentation.model_io.Segmenter` (either backend), a MindSpore ``Cell`` or a NumPy
+A :class:`~segmentation.segmenter.Segmenter` (either backend), a MindSpore ``Cell`` or a NumPy
 callable all become one :class:`ModelInfo`: the network function (NCHW float32 → NCHW logits), its
 scale, input multiple, class names, validated threshold and instance-head channels. Kept apart from
-:mod:`segmentation.predict` (which uses it) so :mod:`segmentation.model_io` can use it too without
+:mod:`segmentation.predict` (which uses it) so :mod:`segmentation.segmenter` can use it too without
 the two importing each other.
 """
 from __future__ import annotations

@@ -51,7 +51,7 @@ from cytocore.prefetch import prefetch
 from cytocore.preprocess import to_network_input
 from cytocore.tiling import TileGrid, gaussian_importance_map, reflect_indices, tile_grid
 
-from .network import ModelInfo, NetworkFn, instance_channels_of, model_info  # noqa: F401 (re-exported)
+from .network import ModelInfo, NetworkFn, model_info
 from .postprocess import find_class_instances, find_instances, postprocess_config
 
 if TYPE_CHECKING:
@@ -633,7 +633,7 @@ def instance_rows(result: SegmentationResult) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------ a folder
 
 def load_model(checkpoint_or_model: Any) -> Any:
-    """A checkpoint path loaded as a :class:`~segmentation.model_io.Segmenter`; anything else as given."""
+    """A checkpoint path loaded as a :class:`~segmentation.segmenter.Segmenter`; anything else as given."""
     if isinstance(checkpoint_or_model, (str, Path)):
         from .model_io import load_segmenter
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from skimage import draw
 
-from segmentation.ceiling import perfect_classes, resize_plane
+from segmentation.ceiling import perfect_classes
 from segmentation.instance_targets import (
     centre_gaussians,
     instance_labels,
@@ -13,6 +13,7 @@ from segmentation.instance_targets import (
     normalised_distance,
 )
 from segmentation.postprocess import find_instances
+from segmentation.predict import resize_plane
 
 
 def discs(shape, centres, radius):
@@ -148,7 +149,8 @@ def test_seg_ceiling_cli_writes_json(tmp_path, capsys):
 def test_segment_image_uses_the_head_channel_and_returns_the_label_plane():
     from scipy.special import logit
 
-    from segmentation.predict import ModelInfo, segment_image
+    from segmentation.network import ModelInfo
+    from segmentation.predict import segment_image
 
     labels, boxes = discs((96, 96), CLUSTER, 10)
     head = normalised_distance(instance_labels(labels.shape, boxes, mask=((labels > 0) * 255).astype(np.uint8)))
