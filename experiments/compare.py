@@ -55,7 +55,7 @@ from .runkit import (
     prepare_data,
     score_system,
 )
-from .stages import CONFIG_DIR, DEFAULTS, baseline_stage_config, cls_stage_config, infer_config, run_stage, seg_stage_config
+from .stages import DEFAULTS, baseline_stage_config, cls_stage_config, infer_config, run_stage, seg_stage_config
 
 log = logging.getLogger("cytofuse")
 

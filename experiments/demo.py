@@ -84,7 +84,6 @@ def write_readme(results: Mapping[str, Any], out: Path, quick: bool = False) -> 
     from .report import markdown_table, summary_rows
 
     ds = results["dataset"]
-    two, one = out / TWO_STAGE, out / SINGLE_STAGE
     warning = ("\n> **Quick wiring check** (`--quick`): tiny images, seconds of training. The numbers below mean "
                "nothing; run `cytofuse demo` without `--quick` for a real comparison.\n" if quick else "")
     text = f"""# CytoFuse demo

@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 

@@ -76,8 +76,6 @@ def _network_pixels(shape: tuple[int, int], cfg: dict) -> int:
 
 
 def measure_memory(model: Any, args: argparse.Namespace, cfg: dict) -> dict:
-    import numpy as np
-
     from segmentation.predict import predict_probability, scaled_shape
 
     predict_probability(_field(300), model, {**cfg, "scale": args.big_scale})  # compile before measuring
