@@ -79,7 +79,7 @@ def test_label_image_refuses_non_integer_planes(tmp_path):
 def test_qupath_script_reads_the_per_image_geojson_folder():
     from pathlib import Path
 
-    script = (Path(__file__).resolve().parents[1] / "qupath" / "import_cytofuse_geojson.groovy").read_text()
+    script = (Path(__file__).resolve().parents[1] / "fusion" / "qupath" / "import_cytofuse_geojson.groovy").read_text()
     assert "stem + '.geojson'" in script and "addObjects(objects)" in script
 
 
