@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import torch_reference
+from .output import emit, run_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -288,15 +289,9 @@ def main(argv=None) -> int:
         import torch
 
         figures["versions"]["torch"] = torch.__version__
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        from cytocore.atomic import write_json
-
-        write_json(args.json, figures)
+    emit(figures, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip MindSpore's noisy Cell.__del__ teardown
+    run_main(main)

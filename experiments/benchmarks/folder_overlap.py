@@ -13,13 +13,14 @@ per-image time split the run records (segment / classify / write). Never asserts
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .output import emit, run_main
 
 
 def main(argv=None) -> int:
@@ -88,15 +89,9 @@ def main(argv=None) -> int:
         "speedup_vs_serial": {k: round(base / statistics.median(v), 2) for k, v in results.items()},
         "per_image_split_of_last_round": splits,
     }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        from cytocore.atomic import write_json
-
-        write_json(args.json, out)
+    emit(out, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)
+    run_main(main)

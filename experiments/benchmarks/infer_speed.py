@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .output import emit, run_main
 
 CLASSES = ["SCC", "AC", "SCLC", "NSCLC"]
 
@@ -214,15 +215,9 @@ def main(argv=None) -> int:
         "peak_rss_at_start_mb": round(rss_start, 1),
         "versions": runtime.runtime_info(),
     }
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        from cytocore.atomic import write_json
-
-        write_json(args.json, figures)
+    emit(figures, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip MindSpore's noisy Cell.__del__ teardown
+    run_main(main)

@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import sys
 import time
 import tracemalloc
 from typing import Any
+
+from .output import emit, run_main
 
 
 def _rss_mb() -> float:
@@ -209,15 +210,9 @@ def main(argv=None) -> int:
         figures["training"] = measure_training(model_cfg, args)
         print(json.dumps({"training": figures["training"]}, indent=2), flush=True)
     figures["versions"] = runtime.runtime_info()
-    print(json.dumps(figures, indent=2))
-    if args.json:
-        from cytocore.atomic import write_json
-
-        write_json(args.json, figures)
+    emit(figures, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # skip MindSpore's noisy Cell.__del__ teardown
+    run_main(main)

@@ -20,13 +20,14 @@ figures of one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from .output import emit, run_main
 
 
 def _load_average() -> str:
@@ -167,15 +168,9 @@ def main(argv=None) -> int:
         out["step_patches_per_s_by_jit_level"] = levels
     out["load_average_at_end"] = _load_average()
     out["versions"] = runtime.runtime_info()
-    print(json.dumps(out, indent=2))
-    if args.json:
-        from cytocore.atomic import write_json
-
-        write_json(args.json, out)
+    emit(out, args.json)
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)
+    run_main(main)
