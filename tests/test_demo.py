@@ -9,13 +9,14 @@ import pytest
 
 from experiments import compare as cmp
 from experiments.demo import QUICK_CONFIG, demo_config, summary_text, terminal_table
+from experiments.stages import CONFIG_DIR
 
 #: Stage and target-comparison configs live in experiments/configs too; they are not comparison configs.
 STAGE_CONFIGS = ("seg_", "cls_", "targets_")
 
 
 def _comparison_configs():
-    return sorted(p for p in cmp.CONFIG_DIR.glob("*.yaml") if not p.name.startswith(STAGE_CONFIGS))
+    return sorted(p for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith(STAGE_CONFIGS))
 
 
 @pytest.mark.parametrize("path", _comparison_configs(), ids=lambda p: p.name)
