@@ -58,13 +58,13 @@ def pipeline(checkpoints):
     return Pipeline(checkpoints["seg"], checkpoints["cls"], CONFIG, classes=NAMES)
 
 
-def _cells(seed: int, size=(72, 96)) -> np.ndarray:
-    """A pale background with a few dark round blobs."""
+def _cells(seed: int, size=(72, 96), count: int = 4, background: int = 225) -> np.ndarray:
+    """A pale background with ``count`` dark round blobs."""
     rng = np.random.default_rng(seed)
     h, w = size
-    img = np.full((h, w, 3), 225, np.uint8)
+    img = np.full((h, w, 3), background, np.uint8)
     yy, xx = np.mgrid[:h, :w]
-    for _ in range(4):
+    for _ in range(count):
         cy, cx, r = rng.integers(10, h - 10), rng.integers(10, w - 10), rng.integers(4, 9)
         img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (90, 60, 140)
     return img

@@ -8,7 +8,7 @@ import numpy as np
 
 from fusion.rules import FusionRule, fit_logistic_rule, fit_specimen_rule, fuse_scores, image_evidence
 from fusion.triage import TriageModel, fit_triage
-from tests.test_fusion_fit import NAMES, FakePipeline, _dataset
+from tests.test_fusion_fit import FakePipeline, _dataset
 
 TWO = ["SCC", "AC"]
 

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from cytocore import onnx_backend as ox  # noqa: E402
-from cytocore.errors import CheckpointError  # noqa: E402
+from tests.test_fusion_pipeline import _cells  # noqa: E402
 
 NAMES = ["SCC", "AC", "SCLC", "NSCLC"]
 
@@ -217,17 +217,6 @@ def test_cli_export_reads_the_stage_from_the_checkpoint(tmp_path, capsys):
     assert "cannot export a checkpoint with no CytoFuse metadata" in capsys.readouterr().err
 
 
-def _blobs(seed, size=(90, 120)):
-    rng = np.random.default_rng(seed)
-    h, w = size
-    image = np.full((h, w, 3), 220, np.uint8)
-    yy, xx = np.mgrid[:h, :w]
-    for _ in range(6):
-        cy, cx, r = rng.integers(10, h - 10), rng.integers(10, w - 10), rng.integers(4, 9)
-        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = (90, 60, 140)
-    return image
-
-
 def test_cli_infer_gives_the_same_detections_with_both_backends(tmp_path, capsys):
     import pandas as pd
     from PIL import Image
@@ -238,7 +227,7 @@ def test_cli_infer_gives_the_same_detections_with_both_backends(tmp_path, capsys
     cls = _cls_checkpoint(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
-    Image.fromarray(_blobs(1)).save(images / "field.png")
+    Image.fromarray(_cells(1, (90, 120), count=6, background=220)).save(images / "field.png")
     sets = ["--set", "segmentation.predict.tile=64", "--set", "segmentation.predict.context=8",
             "--set", "segmentation.postprocess.threshold=0.45", "--set", "segmentation.postprocess.min_area=4"]
     tables = {}

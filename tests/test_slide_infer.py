@@ -8,7 +8,6 @@ own COCO export; µm/px sets the scale or the run is refused; ``--anonymise`` an
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
