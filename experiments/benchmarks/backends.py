@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -192,7 +193,7 @@ def bench_training(args: argparse.Namespace) -> dict:
             loss = torch_reference.bce_dice_loss(tnet(tx), ty)
             loss.backward()
             opt.step()
-            return float(loss)
+            return float(loss.detach())
 
         runners["pytorch"] = torch_step
     rates = interleaved(runners, max(3, args.rounds // 2), per_round=4.0)
@@ -217,6 +218,8 @@ def bench_fused(args: argparse.Namespace, tmp: Path) -> dict:
     from .infer_speed import _untrained_checkpoints
 
     seg, cls = _untrained_checkpoints(tmp, 0.5)
+    if args.fused_seg:  # a trained U-Net finds a realistic number of cells (an untrained one finds blobs)
+        seg = Path(shutil.copy(args.fused_seg, tmp / "seg_given.ckpt"))  # its model is exported here, not beside it
     for ckpt in (seg, cls):
         export_checkpoint(ckpt)
     out: dict[str, Any] = {}
@@ -244,7 +247,8 @@ def bench_fused(args: argparse.Namespace, tmp: Path) -> dict:
                                                              out["onnxruntime"]["seconds_per_image_median"])
         out["ratio_peak_rss_onnxruntime_vs_mindspore"] = _ratio(out["onnxruntime"]["peak_rss_mb"],
                                                                 out["mindspore"]["peak_rss_mb"])
-    out["image"] = f"{args.fused_size}x{args.fused_size} synthetic field, untrained unet_small (scale 0.5) + efficientnet_b0"
+    what = f"trained {args.fused_seg}" if args.fused_seg else "untrained unet_small (scale 0.5)"
+    out["image"] = f"{args.fused_size}x{args.fused_size} synthetic field, {what} + untrained efficientnet_b0"
     return out
 
 
@@ -256,6 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fused-size", type=int, default=2048)
     parser.add_argument("--fused-images", type=int, default=1, help="timed images per backend after a warm-up one")
     parser.add_argument("--fused-backends", nargs="+", default=["mindspore", "onnxruntime"], choices=["mindspore", "onnxruntime"])
+    parser.add_argument("--fused-seg", default=None, metavar="CKPT",
+                        help="segmentation checkpoint for the fused run (copied; default: untrained unet_small at scale 0.5)")
     parser.add_argument("--fused-timeout", type=float, default=1800, help="seconds before a fused child run is abandoned")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "mindspore"])
     parser.add_argument("--prefetch-tiles", type=int, nargs="+", default=[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seg", default=None, metavar="CKPT", help="trained segmentation checkpoint (copied; default untrained)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
         for k in range(args.images):
             Image.fromarray(render_image(rng, args.size, args.size, healthy=False)[0]).save(images / f"field_{k}.png")
         seg, cls = _untrained_checkpoints(tmp, 0.5)
+        if args.seg:  # a trained U-Net finds a realistic number of cells (an untrained one finds blobs)
+            seg = Path(shutil.copy(args.seg, tmp / "seg_given.ckpt"))
         if args.backend == "onnxruntime":
             for ckpt in (seg, cls):
                 export_checkpoint(ckpt)
