@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from cytocore.errors import CytoFuseError, DataError
+from cytocore.froc import iop_matrix
 from cytocore.records import Dataset
 
 PathLike = Union[str, Path]
@@ -61,17 +62,7 @@ class ProposalConfig:
 
 def _overlaps(proposals: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(P, G)`` intersection over proposal area (IoP) and over ground-truth area (coverage)."""
-    p = np.asarray(proposals, np.float64).reshape(-1, 4)
-    g = np.asarray(gt, np.float64).reshape(-1, 4)
-    ix = np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0])
-    iy = np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1])
-    inter = np.clip(ix, 0, None) * np.clip(iy, 0, None)
-    area_p = np.clip(p[:, 2] - p[:, 0], 0, None) * np.clip(p[:, 3] - p[:, 1], 0, None)
-    area_g = np.clip(g[:, 2] - g[:, 0], 0, None) * np.clip(g[:, 3] - g[:, 1], 0, None)
-    iop, cover = np.zeros_like(inter), np.zeros_like(inter)
-    np.divide(inter, area_p[:, None], out=iop, where=area_p[:, None] > 0)
-    np.divide(inter, area_g[None, :], out=cover, where=area_g[None, :] > 0)
-    return iop, cover
+    return iop_matrix(proposals, gt), iop_matrix(gt, proposals).T
 
 
 def label_proposals(
