@@ -160,43 +160,55 @@ def test_gradcam_shape_range_and_localisation():
 
 @pytest.mark.slow
 def test_gradcam_follows_the_gradient_of_the_class_logit():
-    """Grad-CAM of a network trained to see red in the left half lights up the left half."""
-    import mindspore as ms
-    import mindspore.nn as nn
+    """Grad-CAM's map and weights are the network's own: the split reproduces its logits, and the
+    gradient it weights channels by is the class logit's (finite differences), per crop.
 
-    from classification.attribution import gradcam
+    An earlier version trained a tiny network for 40 steps to see red in one half and asserted that
+    the map lit up there; that training is not stable across CPUs (on an AMD EPYC the same seed
+    learned the task but its map favoured the other half, and other seeds did not learn it), so
+    this checks directly the quantities Grad-CAM is built from.
+    """
+    import mindspore as ms
+
+    from classification.attribution import _cam_function
+    from classification.model import cam_split
     from cytocore.preprocess import to_network_input
 
-    cfg, net = _net(1, seed=6)
+    cfg, net = _net(2, seed=6)
     rng = np.random.default_rng(0)
-
-    def batch(n):
-        crops = np.full((n, 32, 32, 3), 200, np.uint8)
-        y = rng.integers(0, 2, n).astype(np.float32)
-        crops[y == 1, :, :12] = (200, 20, 20)
-        return crops, y[:, None]
-
-    opt = nn.Adam(net.trainable_params(), 3e-3)
-    loss = make_loss("sigmoid")
-
-    def forward(x, y):
-        return loss(net(x), y)
-
-    grad = ms.value_and_grad(forward, None, opt.parameters)
+    for p in net.get_parameters():  # mindcv zero-initialises residual branches: make every weight matter
+        if "moving_" in p.name:  # batch-norm statistics stay valid (variances positive)
+            continue
+        v = p.asnumpy()
+        p.set_data(ms.Tensor((v + rng.normal(0.0, 0.2, v.shape)).astype(v.dtype)))
+    net.set_train(False)
+    crops = rng.integers(0, 255, (3, 32, 32, 3)).astype(np.uint8)
+    x = to_network_input(crops)
+    weights = np.zeros((3, 2), np.float32)
+    weights[np.arange(3), [0, 1, 1]] = 1.0
+    clf = Classifier(net, ["a", "b"], "sigmoid", CropConfig(size=32), cfg)
+    run = _cam_function(clf, 8)
+    fm, grads = (t.asnumpy() for t in run(ms.Tensor(x), ms.Tensor(weights)))
+    _, head_from_map, _ = cam_split(net, 8)
 
     @ms.jit
-    def step(x, y):
-        value, grads = grad(x, y)
-        opt(grads)
-        return value
+    def logits(m):
+        return head_from_map(m)
 
-    net.set_train(True)
-    for _ in range(40):
-        c, y = batch(16)
-        step(ms.Tensor(to_network_input(c)), ms.Tensor(y))
-    clf = Classifier(net, ["red"], "sigmoid", CropConfig(size=32), cfg)
-    crops, y = batch(16)
-    positive = crops[y[:, 0] == 1]
-    assert clf.predict_crops(positive).mean() > 0.8
-    cams = gradcam(clf, positive, 0, stride=8)
-    assert cams[:, :, :12].mean() > cams[:, :, 20:].mean()
+    # the split is exact: prefix then head gives the network's own logits
+    np.testing.assert_allclose(logits(ms.Tensor(fm)).asnumpy(), _forward(net, x), rtol=1e-4, atol=1e-5)
+    # the gradient is d(chosen class logit)/d(map): central differences at the largest entries
+    def score(m: np.ndarray) -> np.ndarray:
+        return (logits(ms.Tensor(m)).asnumpy().astype(np.float64) * weights).sum(axis=1)
+
+    eps = 1e-2
+    for i in range(3):
+        for flat in np.argsort(-np.abs(grads[i]).ravel())[:4]:
+            idx = (i,) + np.unravel_index(flat, grads[i].shape)
+            up, down = fm.copy(), fm.copy()
+            up[idx] += eps
+            down[idx] -= eps
+            numeric = (score(up) - score(down)) / (2 * eps)
+            assert numeric[i] == pytest.approx(float(grads[idx]), rel=0.05, abs=1e-4)
+            others = [j for j in range(3) if j != i]
+            assert np.allclose(numeric[others], 0.0, atol=1e-6)  # inference-mode batch norm: crops independent
