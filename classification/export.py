@@ -30,21 +30,16 @@ def _out_of_place_blocks() -> dict[type, type]:
     """mindcv block class -> the same block with an out-of-place residual add."""
     from mindcv.models.efficientnet import FusedMBConv, MBConv
 
-    class ExportMBConv(MBConv):
+    class OutOfPlaceAdd:
+        """Both block kinds share mindcv's ``result += x`` construct; this one adds out of place."""
+
         def construct(self, x):
             result = self.block(x)
             if self.shortcut:
                 result = result + x
             return result
 
-    class ExportFusedMBConv(FusedMBConv):
-        def construct(self, x):
-            result = self.block(x)
-            if self.shortcut:
-                result = result + x
-            return result
-
-    return {MBConv: ExportMBConv, FusedMBConv: ExportFusedMBConv}
+    return {block: type(f"Export{block.__name__}", (OutOfPlaceAdd, block), {}) for block in (MBConv, FusedMBConv)}
 
 
 def export_copy(network: Any) -> tuple[Any, list[str]]:
