@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -105,18 +105,27 @@ def _chain_positions(rng: np.random.Generator, n: int, step: float) -> tuple[np.
     return pts - pts.mean(0), dirs
 
 
+def _singles_and_pairs(rng, h: int, w: int, occ: _Occupancy, rate: float, spacing: int, pair_p: float,
+                       pair_distance: float, cell: Callable[[float, float, float], sc.Sprite]) -> list[sc.Sprite]:
+    """Cells that lie alone or in loose pairs (SCC, NSCLC-NOS): ``1 + Poisson(rate)`` placed cells,
+    each with probability ``pair_p`` a partner ``pair_distance`` px away just above it."""
+    out: list[sc.Sprite] = []
+    for _ in range(1 + rng.poisson(rate)):
+        cy, cx = occ.place(rng, h, w, spacing)
+        z = rng.uniform(0.2, 0.8)
+        out.append(cell(cy, cx, z))
+        if rng.random() < pair_p:
+            a = rng.uniform(0, 2 * np.pi)
+            out.append(cell(cy + pair_distance * np.sin(a), cx + pair_distance * np.cos(a), z + 0.01))
+    return out
+
+
 def _tumour_sprites(rng, st, tex, h: int, w: int, kind: str, occ: _Occupancy) -> list[sc.Sprite]:
     """The malignant cells of one image, arranged as that tumour type arranges itself."""
     af = h * w / _REF_AREA
     out: list[sc.Sprite] = []
     if kind == "SCC":  # mostly single cells, some loose pairs
-        for _ in range(1 + rng.poisson(4.0 * af)):
-            cy, cx = occ.place(rng, h, w, 36)
-            z = rng.uniform(0.2, 0.8)
-            out.append(sc.scc_cell(rng, st, tex, cy, cx, z))
-            if rng.random() < 0.25:
-                a = rng.uniform(0, 2 * np.pi)
-                out.append(sc.scc_cell(rng, st, tex, cy + 40 * np.sin(a), cx + 40 * np.cos(a), z + 0.01))
+        out += _singles_and_pairs(rng, h, w, occ, 4.0 * af, 36, 0.25, 40, lambda y, x, z: sc.scc_cell(rng, st, tex, y, x, z))
     elif kind == "AC":  # three-dimensional balls and acini, nuclei pushed to the periphery
         for _ in range(1 + rng.poisson(0.5 * af)):
             n = int(rng.integers(3, 11))
@@ -152,13 +161,7 @@ def _tumour_sprites(rng, st, tex, h: int, w: int, kind: str, occ: _Occupancy) ->
                 others = np.array([(y, x, radii[j]) for j, (y, x) in enumerate(centres) if j != i])
                 out.append(sc.sclc_cell(rng, st, tex, py, px, z + rng.uniform(-0.03, 0.03), radii[i], angles[i], others))
     else:  # NSCLC-NOS: big atypical cells, single or in loose pairs
-        for _ in range(1 + rng.poisson(3.0 * af)):
-            cy, cx = occ.place(rng, h, w, 38)
-            z = rng.uniform(0.2, 0.8)
-            out.append(sc.nos_cell(rng, st, tex, cy, cx, z))
-            if rng.random() < 0.3:
-                a = rng.uniform(0, 2 * np.pi)
-                out.append(sc.nos_cell(rng, st, tex, cy + 48 * np.sin(a), cx + 48 * np.cos(a), z + 0.01))
+        out += _singles_and_pairs(rng, h, w, occ, 3.0 * af, 38, 0.3, 48, lambda y, x, z: sc.nos_cell(rng, st, tex, y, x, z))
     return out
 
 
