@@ -110,3 +110,19 @@ def test_background_prefetch_trains_the_same_weights(tmp_path):
     train(ahead, replace(_cfg(2), prefetch=2), tmp_path / "ahead")
     for a, b in zip(_weights(plain.network), _weights(ahead.network)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_onednn_isa_cap_only_on_amd_with_avx512(tmp_path):
+    """The AVX2 cap is for AMD CPUs whose oneDNN AVX-512 kernels are pathologically slow, nothing else."""
+    from cytocore.runtime import onednn_isa_cap
+
+    def cpuinfo(vendor: str, flags: str) -> str:
+        path = tmp_path / f"{vendor}.txt"
+        block = f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 avx2 {flags}\n"
+        path.write_text(block + "\n" + block.replace(": 0", ": 1"))
+        return str(path)
+
+    assert onednn_isa_cap(cpuinfo("AuthenticAMD", "avx512f avx512bw")) == "AVX2"
+    assert onednn_isa_cap(cpuinfo("AuthenticAMD", "fma")) is None
+    assert onednn_isa_cap(cpuinfo("GenuineIntel", "avx512f avx512bw")) is None
+    assert onednn_isa_cap(tmp_path / "missing") is None
