@@ -70,10 +70,30 @@ DEFAULT_POSTPROCESS: dict = {
     "multiclass": "per_class",  # K+1 maps: per_class components, or foreground components + class means
 }
 
-#: Post-processing values ``cytofuse seg train`` chooses on the validation split by FROC.
-TUNED_KEYS = ("threshold", "marker_threshold", "min_distance", "min_area")
+#: Post-processing values ``cytofuse seg train`` chooses on the validation split by FROC, in the
+#: order the coordinate search tries them (the marker kind first: the others depend on it).
+TUNED_KEYS = ("markers", "threshold", "marker_threshold", "min_distance", "min_area")
 
 MARKERS = ("auto", "head_core", "head_peaks", "peak_local_max", "h_maxima")
+
+
+def encode_tuned(key: str, value: object) -> float:
+    """A tuned value as the float a checkpoint's metrics hold (a marker kind by its index in ``MARKERS``)."""
+    return float(MARKERS.index(str(value))) if key == "markers" else float(value)  # type: ignore[arg-type]
+
+
+def decode_tuned(key: str, value: float) -> object:
+    """The inverse of :func:`encode_tuned`, with pixel counts as integers."""
+    if key == "markers":
+        return MARKERS[int(round(value))]
+    return int(round(value)) if key in ("min_area", "min_distance") else float(value)
+
+
+def concrete_markers(kind: str, has_head: bool) -> str:
+    """``auto`` resolved: head cores with an instance head, else peaks of the mask's distance transform."""
+    if kind == "auto":
+        return "head_core" if has_head else "peak_local_max"
+    return kind
 
 #: Columns of an instance table, in order.
 INSTANCE_COLUMNS = ["x0", "y0", "x1", "y1", "area", "seg_mean", "seg_max", "label_id"]
@@ -173,9 +193,7 @@ def _markers(distance: np.ndarray, components: np.ndarray, cfg: dict, kind: str)
 
 
 def _marker_kind(cfg: dict, has_head: bool) -> str:
-    kind = cfg["markers"]
-    if kind == "auto":
-        return "head_core" if has_head else "peak_local_max"
+    kind = concrete_markers(cfg["markers"], has_head)
     if kind.startswith("head_") and not has_head:
         raise ValueError(f"postprocess markers {kind!r} need an instance head; this model has none "
                          "(use peak_local_max or h_maxima)")

@@ -535,7 +535,7 @@ def resolve_settings(model: Any, user: Optional[Mapping[str, Any]] = None, where
 
 def tuned_postprocess(meta: Optional[dict]) -> dict:
     """Post-processing values chosen on the validation split (``tuned_<key>`` in the checkpoint's metrics)."""
-    from .postprocess import TUNED_KEYS
+    from .postprocess import TUNED_KEYS, decode_tuned
 
     metrics = (meta or {}).get("metrics") if isinstance(meta, dict) else None
     if not isinstance(metrics, dict):
@@ -544,7 +544,7 @@ def tuned_postprocess(meta: Optional[dict]) -> dict:
     for key in TUNED_KEYS:
         value = metrics.get(f"tuned_{key}")
         if value is not None and np.isfinite(float(value)):
-            out[key] = int(round(float(value))) if key in ("min_area", "min_distance") else float(value)
+            out[key] = decode_tuned(key, float(value))
     return out
 
 

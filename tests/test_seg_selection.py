@@ -66,3 +66,28 @@ def test_best_checkpoint_follows_validation_froc_and_carries_its_tuned_values(tm
     assert abs(post["threshold"] - 0.5) < 1e-9  # the value tuned at epoch 2, not the config's or the last epoch's
     post = resolve_settings(seg, {"postprocess": {"threshold": 0.42}}).postprocess
     assert post["threshold"] == 0.42  # an explicit option still wins
+
+
+def _blurred_head_pair():
+    """Two touching cells whose head map is blurred: its cores above 0.5 join, its two peaks stay apart."""
+    yy, xx = np.mgrid[0:40, 0:60]
+    head = np.zeros((40, 60), np.float32)
+    for cx in (22, 38):
+        head = np.maximum(head, np.clip(1.0 - np.hypot(yy - 20, xx - cx) / 14.0, 0, 1) * 0.8)
+    prob = (head > 0.05).astype(np.float32) * 0.9
+    boxes = np.array([[10, 8, 31, 33], [29, 8, 50, 33]], np.float64)
+    return ValImage(prob, head, boxes)
+
+
+def test_tuner_chooses_head_peaks_over_cores_when_the_head_is_blurred_and_the_checkpoint_keeps_it():
+    from segmentation.predict import tuned_postprocess
+
+    image = _blurred_head_pair()
+    post = {"threshold": 0.5, "min_area": 5, "marker_threshold": 0.3, "min_distance": 5}
+    tuner = FrocTuner(post, {"markers": ["head_core", "head_peaks"]}, has_head=True)
+    assert tuner.current["markers"] == "head_core"  # "auto" with a head
+    assert tuner.froc([image], tuner.current) < 0.6  # the cores merge: one box over both cells
+    metrics = tuner.metrics([image])
+    assert metrics["val_froc"] == 1.0
+    assert tuned_postprocess({"metrics": metrics})["markers"] == "head_peaks"
+    assert tune_grid({"markers": ["head_peaks"]}, post, has_head=False)["markers"] == []
