@@ -29,8 +29,10 @@ META_KEY = "cytofuse_meta"
 _state: dict[str, Any] = {"ready": False}
 
 
-def _quiet_mindspore_env() -> None:
-    """MindSpore logs through glog; keep only errors unless the user asked for verbose output."""
+def _mindspore_env() -> None:
+    """Environment MindSpore reads before its first kernel: glog keeps only errors unless the user
+    asked for verbose output, no compile caches in the working directory, and the oneDNN cap of
+    :func:`onednn_isa_cap`."""
     if os.environ.get("CYTOFUSE_MS_LOG") != "1":
         os.environ.setdefault("GLOG_v", "3")
         os.environ.setdefault("GLOG_logtostderr", "1")
@@ -96,7 +98,7 @@ def setup(seed: Optional[int] = 0, threads: Optional[int] = None, mode: str = "g
     by msrun joins its job here (:mod:`cytocore.distributed`); msrun's scheduler process stays in that
     call until the job ends.
     """
-    _quiet_mindspore_env()
+    _mindspore_env()
     import mindspore as ms
 
     if not _state["ready"]:

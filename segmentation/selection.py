@@ -8,13 +8,14 @@ boxes ranked by their seg score (``seg_mean``). The maps are resized to each ima
 first, exactly as prediction does, so pixel values (``min_area``, ``min_distance``) mean the same
 at training and at inference.
 
-Every epoch, the post-processing values are searched one at a time (coordinate search over the ``validation.tune``
-lists, starting from the values chosen so far, ties keeping the current value): the marker
-kind (with an instance head: its thresholded cores, or its peaks, which split touching cells better
-while a briefly trained head is still blurred: class-agnostic val FROC 0.23 with cores against 0.56
-with peaks for the same demo checkpoint), ``threshold``, ``marker_threshold``, ``min_distance`` and
-``min_area`` (factors of the configured value). The values are reported as ``tuned_<key>`` metrics, so the best checkpoint carries
-the values chosen with its own weights, and prediction uses them
+Every epoch, the post-processing values are searched one at a time (coordinate search over the
+``validation.tune`` lists, starting from the values chosen so far, ties keeping the current value):
+the marker kind (with an instance head: its thresholded cores, or its peaks, which split touching
+cells better while a briefly trained head is still blurred: class-agnostic val FROC 0.23 with cores
+against 0.56 with peaks for the same demo checkpoint), ``threshold``, ``marker_threshold``,
+``min_distance`` and ``min_area`` (factors of the configured value). The values are reported as
+``tuned_<key>`` metrics, so the best checkpoint carries the values chosen with its own weights, and
+prediction uses them
 (:func:`segmentation.predict.tuned_postprocess`). Only the validation split is ever used.
 """
 from __future__ import annotations
@@ -63,7 +64,6 @@ class FrocTuner:
         self.grid = tune_grid(tune, self.base, has_head)
         self.current = {k: self.base[k] for k in TUNED_KEYS}
         self.multiclass = multiclass
-        self.best: Optional[float] = None  # best val_froc so far (the epoch whose checkpoint is kept)
 
     def boxes(self, image: ValImage, values: dict) -> tuple[np.ndarray, np.ndarray]:
         """Boxes and seg scores the post-processing makes from one image with ``values``."""
@@ -119,13 +119,9 @@ class FrocTuner:
         same weights re-tuned scored 0.6-0.7.
         """
         current = self.froc(images, self.current)
-        if not np.isfinite(current):
-            return {"val_froc": float(current), **{f"tuned_{k}": encode_tuned(k, v) for k, v in self.current.items()}}
-        best, _ = self.search(images, known={self._key(self.current): current})
-        self.best = best if self.best is None else max(self.best, best)
-        out = {"val_froc": float(best)}
-        out.update({f"tuned_{k}": encode_tuned(k, v) for k, v in self.current.items()})
-        return out
+        if np.isfinite(current):
+            current, _ = self.search(images, known={self._key(self.current): current})
+        return {"val_froc": float(current), **{f"tuned_{k}": encode_tuned(k, v) for k, v in self.current.items()}}
 
     @staticmethod
     def _key(values: dict) -> tuple:
