@@ -117,17 +117,21 @@ def scale_budget(cfg: dict) -> dict:
 # ------------------------------------------------------------------------------------------- phases
 
 
-def phase_names(systems: Sequence[str], fusion_fit: bool) -> list[str]:
+def phase_names(systems: Sequence[str], fusion_fit: bool, side_by_side: bool = False) -> list[str]:
     if systems == [CLASSIFIER]:
         return ["data", "train classifier", "evaluate classifier", "report"]
-    names = ["data"]
+    if side_by_side:
+        return ["data", "train and infer side by side", "evaluate", "report"]
+    return ["data"] + system_phase_names(systems, fusion_fit) + ["evaluate", "report"]
+
+
+def system_phase_names(systems: Sequence[str], fusion_fit: bool) -> list[str]:
+    """Each system's own phases, in the order :func:`run_two_stage` and :func:`run_single_stage` run them."""
+    names = []
     if TWO_STAGE in systems:
-        names += ["train segmentation", "train classifier"]
+        names += ["train segmentation", "train classifier"] + (["fit fusion"] if fusion_fit else []) + [f"infer {TWO_STAGE}"]
     if SINGLE_STAGE in systems:
-        names.append("train single-stage")
-    if TWO_STAGE in systems and fusion_fit:
-        names.append("fit fusion")
-    names += [f"infer {s}" for s in systems] + ["evaluate", "report"]
+        names += ["train single-stage", f"infer {SINGLE_STAGE}"]
     return names
 
 
@@ -139,21 +143,36 @@ def baseline_budget(cfg: Mapping[str, Any], seg: Optional[dict], cls: Optional[d
     the segmentation stage's epochs scaled to them (same U-Net and patches: same cost per epoch)
     with half as many again in reserve. The budget, not the epoch count, is meant to end the run:
     the train loop stops when it is used up and its cosine schedule follows the budget, so the
-    reserve only keeps a faster-than-expected run from ending early at the step limit."""
+    reserve only keeps a faster-than-expected run from ending early at the step limit.
+
+    Side by side (:mod:`experiments.side_by_side`) the two stages have not run yet: ``seg`` and
+    ``cls`` are then their planned budgets (:func:`planned_stage_budgets`), which the baseline gets
+    in full, at least the compute the two stages can use."""
     b = cfg["budget"]
     minutes = b["baseline_minutes"]
     if minutes == "auto":
         if seg is None or cls is None:
             raise CytoFuseError("budget.baseline_minutes: auto needs the two-stage system in `systems` (set a number instead)")
+        if seg["minutes"] is None or cls["minutes"] is None:
+            raise CytoFuseError("budget.baseline_minutes: auto needs seg_minutes and cls_minutes to run the systems side by "
+                                "side (set baseline_minutes, or parallel: false)")
         minutes = float(seg["minutes"]) + float(cls["minutes"])
     minutes = None if minutes is None else float(minutes)
     epochs = b["baseline_epochs"]
     if epochs == "auto":
-        if seg is not None and minutes is not None and seg["minutes"] > 0 and seg["epochs"] > 0:
+        if seg is not None and minutes is not None and (seg["minutes"] or 0) > 0 and seg["epochs"] > 0:
             epochs = max(1, int(math.ceil(1.5 * seg["epochs"] * minutes / float(seg["minutes"]))))
         else:
             epochs = None
     return minutes, (None if epochs is None else int(epochs))
+
+
+def planned_stage_budgets(cfg: Mapping[str, Any], data_path: Path) -> tuple[dict, dict]:
+    """The two stages' minute caps and planned epochs, in the shape of their ``done.json``."""
+    b = cfg["budget"]
+    seg_epochs = int(seg_stage_config(cfg, data_path, b["seg_minutes"])["train"]["epochs"])
+    cls_epochs = int(cls_stage_config(cfg, data_path, b["cls_minutes"])["train"]["epochs"])
+    return {"minutes": b["seg_minutes"], "epochs": seg_epochs}, {"minutes": b["cls_minutes"], "epochs": cls_epochs}
 
 
 # ------------------------------------------------------------------------------------------- compare
@@ -161,6 +180,8 @@ def baseline_budget(cfg: Mapping[str, Any], seg: Optional[dict], cls: Optional[d
 
 def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     """Run a whole comparison (see the module doc); returns the results dict written to results.json."""
+    from . import side_by_side
+
     cfg = copy.deepcopy(dict(cfg))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +191,8 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     systems = list(cfg["systems"])
     if systems == [CLASSIFIER]:
         return run_classifier_only(cfg, out)
-    phases = Phases(phase_names(systems, bool(cfg["fusion_fit"])))
-    budget = cfg["budget"]
+    cores = side_by_side.core_sets(cfg)
+    phases = Phases(phase_names(systems, bool(cfg["fusion_fit"]), side_by_side=cores is not None))
     progress = bool(cfg["progress"])
 
     phases.start("data")
@@ -182,60 +203,20 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
             raise DataError(f"{data_path}: split {split!r} has no images (splits: {', '.join(ds.splits()) or 'none'})")
     counts = {s: len(ds.subset(split=s)) for s in ds.splits()}
     phases.note(f"{len(ds)} images, classes {', '.join(ds.class_names)}; splits " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    link_split_images(ds, d["test_split"], out / "test_images")
 
-    runs: dict[str, dict] = {}
-    if TWO_STAGE in systems:
-        from classification.train import train_classifier
-
-        from .baseline import train_unet
-
-        phases.start("train segmentation", budget_label(budget["seg_minutes"]))
-        scfg = seg_stage_config(cfg, data_path, budget["seg_minutes"])
-        runs["seg"] = run_stage("segmentation", out / "seg", scfg,
-                                lambda: train_unet(scfg, ds, out / "seg", resume=True, progress=progress))
-        phases.start("train classifier", budget_label(budget["cls_minutes"]))
-        ccfg = cls_stage_config(cfg, data_path, budget["cls_minutes"])
-        if cfg["cls_proposals"]:
-            from .proposals_stage import training_proposals
-
-            ccfg["proposals"]["csv"] = str(training_proposals(runs["seg"]["best_checkpoint"], ds, d["train_split"],
-                                                              infer_config(cfg), out / "proposals", progress))
-            phases.note(f"classifier also trains on the segmenter's proposals: {ccfg['proposals']['csv']}")
-        runs["cls"] = run_stage("classifier", out / "cls", ccfg,
-                                lambda: train_classifier(ccfg, out / "cls", resume=True, dataset=ds))
-    if SINGLE_STAGE in systems:
-        from .baseline import train_unet
-
-        minutes, epochs = baseline_budget(cfg, runs.get("seg"), runs.get("cls"))
-        shown = "none" if minutes is None else f"{minutes:.1f} min"
-        phases.start("train single-stage", f"budget {shown}" + (f", {epochs} epochs" if epochs else ""))
-        bcfg = baseline_stage_config(cfg, data_path, minutes, epochs)
-        runs["baseline"] = run_stage("single-stage", out / "baseline", bcfg,
-                                     lambda: train_unet(bcfg, ds, out / "baseline", resume=True, progress=progress))
-
-    icfg = infer_config(cfg)
-    fusion_file = None
-    if TWO_STAGE in systems and cfg["fusion_fit"]:
-        phases.start("fit fusion", f"on split {d['val_split']}")
-        fusion_file = fit_fusion_file(runs["seg"]["best_checkpoint"], runs["cls"]["best_checkpoint"], icfg, ds,
-                                      d["val_split"], out / "fusion.json", progress)
-
-    test_dir = link_split_images(ds, d["test_split"], out / "test_images")
-    for system in systems:
-        phases.start(f"infer {system}", f"{len(ds.subset(split=d['test_split']))} test images")
-        folder = out / system
-        if system == TWO_STAGE:
-            from fusion.pipeline import Pipeline
-
-            pipe = Pipeline(runs["seg"]["best_checkpoint"], runs["cls"]["best_checkpoint"], icfg,
-                            classes=ds.class_names, fusion_file=fusion_file)
-            summary = pipe.run_folder(test_dir, folder, progress=progress)
-        else:
-            from .baseline import run_baseline_folder
-
-            summary = run_baseline_folder(runs["baseline"]["best_checkpoint"], test_dir, folder, icfg, progress=progress)
-        if summary["n_failed"]:
-            log.warning("%s: %d test image(s) failed: %s", system, summary["n_failed"], summary["failed"][:3])
+    if cores is not None:
+        phases.start("train and infer side by side", ", ".join(f"{s} on core(s) {side_by_side.core_text(c)}"
+                                                               for s, c in zip(systems, cores)))
+        runs = side_by_side.run_systems(systems, cores, out)
+        where = f" with the two systems side by side, each in its own process on {len(cores[0])} CPU core(s)"
+    else:
+        runs = {}
+        if TWO_STAGE in systems:
+            runs.update(run_two_stage(cfg, ds, data_path, out, phases, progress))
+        if SINGLE_STAGE in systems:
+            runs.update(run_single_stage(cfg, ds, data_path, out, phases, progress, runs.get("seg"), runs.get("cls")))
+        where = None
 
     phases.start("evaluate", f"split {d['test_split']}")
     test_records = ds.subset(split=d["test_split"]).records
@@ -243,7 +224,7 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     results = {
         "dataset": dataset_info(cfg, ds, data_path, d["test_split"]),
         "seed": int(cfg["seed"]),
-        "budget": budget_text(runs, systems),
+        "budget": budget_text(runs, systems, where),
         "systems": {},
         "training": runs,
         "notes": [],
@@ -264,6 +245,64 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     results["wall_minutes"] = round((time.time() - phases.started) / 60, 2)
     phases.note(f"wrote {report}")
     return results
+
+
+def run_two_stage(cfg: Mapping[str, Any], ds: Dataset, data_path: Path, out: Path, phases: Phases,
+                  progress: bool) -> dict:
+    """Train the segmentation stage and the classifier (on the U-Net's proposals too when
+    ``cls_proposals``), fit the fusion rule on val when ``fusion_fit``, and run the fused pipeline on
+    ``OUT/test_images``. Returns the two stages' ``done.json`` records."""
+    from classification.train import train_classifier
+    from fusion.pipeline import Pipeline
+
+    from .baseline import train_unet
+
+    budget, d = cfg["budget"], cfg["data"]
+    phases.start("train segmentation", budget_label(budget["seg_minutes"]))
+    scfg = seg_stage_config(cfg, data_path, budget["seg_minutes"])
+    seg = run_stage("segmentation", out / "seg", scfg, lambda: train_unet(scfg, ds, out / "seg", resume=True, progress=progress))
+    phases.start("train classifier", budget_label(budget["cls_minutes"]))
+    ccfg = cls_stage_config(cfg, data_path, budget["cls_minutes"])
+    icfg = infer_config(cfg)
+    if cfg["cls_proposals"]:
+        from .proposals_stage import training_proposals
+
+        ccfg["proposals"]["csv"] = str(training_proposals(seg["best_checkpoint"], ds, d["train_split"], icfg,
+                                                          out / "proposals", progress))
+        phases.note(f"classifier also trains on the segmenter's proposals: {ccfg['proposals']['csv']}")
+    cls = run_stage("classifier", out / "cls", ccfg, lambda: train_classifier(ccfg, out / "cls", resume=True, dataset=ds))
+    fusion_file = None
+    if cfg["fusion_fit"]:
+        phases.start("fit fusion", f"on split {d['val_split']}")
+        fusion_file = fit_fusion_file(seg["best_checkpoint"], cls["best_checkpoint"], icfg, ds, d["val_split"],
+                                      out / "fusion.json", progress)
+    phases.start(f"infer {TWO_STAGE}", f"{len(ds.subset(split=d['test_split']))} test images")
+    pipe = Pipeline(seg["best_checkpoint"], cls["best_checkpoint"], icfg, classes=ds.class_names, fusion_file=fusion_file)
+    _warn_failed(TWO_STAGE, pipe.run_folder(out / "test_images", out / TWO_STAGE, progress=progress))
+    return {"seg": seg, "cls": cls}
+
+
+def run_single_stage(cfg: Mapping[str, Any], ds: Dataset, data_path: Path, out: Path, phases: Phases, progress: bool,
+                     seg: Optional[dict], cls: Optional[dict]) -> dict:
+    """Train the single-stage baseline on the budget :func:`baseline_budget` gives it and run it on
+    ``OUT/test_images``. Returns its ``done.json`` record."""
+    from .baseline import run_baseline_folder, train_unet
+
+    minutes, epochs = baseline_budget(cfg, seg, cls)
+    shown = "none" if minutes is None else f"{minutes:.1f} min"
+    phases.start("train single-stage", f"budget {shown}" + (f", {epochs} epochs" if epochs else ""))
+    bcfg = baseline_stage_config(cfg, data_path, minutes, epochs)
+    run = run_stage("single-stage", out / "baseline", bcfg,
+                    lambda: train_unet(bcfg, ds, out / "baseline", resume=True, progress=progress))
+    phases.start(f"infer {SINGLE_STAGE}", f"{len(ds.subset(split=cfg['data']['test_split']))} test images")
+    _warn_failed(SINGLE_STAGE, run_baseline_folder(run["best_checkpoint"], out / "test_images", out / SINGLE_STAGE,
+                                                   infer_config(cfg), progress=progress))
+    return {"baseline": run}
+
+
+def _warn_failed(system: str, summary: Mapping[str, Any]) -> None:
+    if summary["n_failed"]:
+        log.warning("%s: %d test image(s) failed: %s", system, summary["n_failed"], summary["failed"][:3])
 
 
 def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Dataset, split: str, path: Path,

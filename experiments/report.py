@@ -215,8 +215,9 @@ def build_report(results: dict, out_dir: PathLike) -> Path:
 # ------------------------------------------------------------------------------ report text
 
 
-def budget_text(runs: Mapping[str, dict], systems: Sequence[str]) -> str:
-    """The compute each system got, in wall-clock minutes and samples seen."""
+def budget_text(runs: Mapping[str, dict], systems: Sequence[str], where: Optional[str] = None) -> str:
+    """The compute each system got, in wall-clock minutes and samples seen; ``where`` says on what
+    (default: this process's MindSpore threads)."""
     from cytocore import runtime
 
     parts = []
@@ -229,8 +230,9 @@ def budget_text(runs: Mapping[str, dict], systems: Sequence[str]) -> str:
         b = runs["baseline"]
         budget = "none" if b.get("budget_minutes") is None else f"{b['budget_minutes']:.1f} min"
         parts.append(f"single-stage budget {budget}, used {b['minutes']:.1f} min ({b['epochs']} epochs, {b['samples']} patches)")
-    threads = runtime.runtime_info().get("threads") if "mindspore" in sys.modules else None
-    where = f" on {threads} CPU thread(s)" if threads else ""
+    if where is None:
+        threads = runtime.runtime_info().get("threads") if "mindspore" in sys.modules else None
+        where = f" on {threads} CPU thread(s)" if threads else ""
     return "; ".join(parts) + f". Training wall-clock{where}; a stage stops when its budget is used up (one validation pass may follow)"
 
 

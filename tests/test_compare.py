@@ -89,8 +89,10 @@ def test_baseline_budget_is_both_stages_minutes():
 
 def test_phase_names():
     assert cmp.phase_names(["two-stage", "single-stage"], True) == [
-        "data", "train segmentation", "train classifier", "train single-stage", "fit fusion",
-        "infer two-stage", "infer single-stage", "evaluate", "report"]
+        "data", "train segmentation", "train classifier", "fit fusion", "infer two-stage",
+        "train single-stage", "infer single-stage", "evaluate", "report"]
+    assert cmp.phase_names(["two-stage", "single-stage"], False, side_by_side=True) == [
+        "data", "train and infer side by side", "evaluate", "report"]
     assert cmp.phase_names(["classifier"], False)[1] == "train classifier"
 
 
@@ -280,3 +282,60 @@ def test_dataset_info_and_notes_name_the_split_and_skipped_rows(tmp_path):
     notes = rep.report_notes({"dataset": info, "systems": {}}, {}, [], cfg)
     assert any("test 3, train 1, val 1" in n for n in notes)
     assert any("1 annotation problem" in n and "a.xml" in n for n in notes)
+
+
+# --------------------------------------------------------------------------------------------- side by side
+
+
+def test_side_by_side_needs_both_systems_two_cores_and_budgets(monkeypatch):
+    from experiments import side_by_side
+
+    cfg = _cfg()
+    monkeypatch.setattr(side_by_side.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert side_by_side.core_sets(cfg) == [[0], [1]]  # equal cores each; the odd one stays free
+    monkeypatch.setattr(side_by_side.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert side_by_side.core_sets(cfg) == [[0, 1], [2, 3]]
+    cfg["parallel"] = False
+    assert side_by_side.core_sets(cfg) is None
+    cfg["parallel"] = True
+    cfg["budget"]["cls_minutes"] = None  # the baseline's auto budget cannot be known before the stages run
+    with pytest.raises(CytoFuseError, match="cls_minutes"):
+        side_by_side.core_sets(cfg)
+    cfg["budget"]["baseline_minutes"] = 5
+    assert side_by_side.core_sets(cfg) == [[0, 1], [2, 3]]
+    cfg["systems"] = ["two-stage"]
+    with pytest.raises(CytoFuseError, match="one system"):
+        side_by_side.core_sets(cfg)
+    cfg["parallel"] = "auto"
+    assert side_by_side.core_sets(cfg) is None
+    cfg["systems"], cfg["parallel"] = ["two-stage", "single-stage"], True
+    monkeypatch.setattr(side_by_side.os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(CytoFuseError, match="1 core"):
+        side_by_side.core_sets(cfg)
+    cfg["parallel"] = "yes"
+    with pytest.raises(CytoFuseError, match="auto, true or false"):
+        side_by_side.core_sets(cfg)
+
+
+def test_side_by_side_baseline_gets_the_planned_budgets(tmp_path):
+    cfg = _cfg()
+    cfg["budget"].update(seg_minutes=10, cls_minutes=4)
+    cfg["seg"] = {"train": {"epochs": 20}}
+    seg, cls = cmp.planned_stage_budgets(cfg, tmp_path)
+    assert seg == {"minutes": 10, "epochs": 20} and cls["minutes"] == 4
+    assert cmp.baseline_budget(cfg, seg, cls) == (14.0, 42)  # 1.5 x 20 epochs x 14/10 minutes
+
+
+def test_failed_workers_are_one_line_naming_their_logs(tmp_path, monkeypatch):
+    """Workers are real processes; a broken run folder fails both, and the error says where to look."""
+    from experiments import side_by_side
+
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "compare_config.yaml").write_text("not: [a, valid\n")
+    with pytest.raises(CytoFuseError) as info:
+        side_by_side.run_systems(["two-stage", "single-stage"], [[0], [1]], out)
+    message = str(info.value)
+    assert "\n" not in message and "two-stage failed" in message and "single-stage failed" in message
+    assert str(out / "logs" / "two-stage.log") in message and "run the same command again" in message
+    assert "yaml" in (out / "logs" / "two-stage.log").read_text().lower()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 
@@ -66,9 +67,15 @@ def test_quick_demo_trains_runs_evaluates_reports_and_resumes(tmp_path, caplog):
     for stage in ("seg", "cls", "baseline"):
         done = json.loads((out / stage / "done.json").read_text())
         assert (out / stage / "best.ckpt").is_file() and done["epochs"] >= 1 and done["samples"] > 0
+    # Side by side (2 cores, as in CI): each system in its own process on one core, the baseline with
+    # the two stages' budgets in full; both workers' logs are kept and echoed with their names.
+    assert len(os.sched_getaffinity(0)) >= 2, "this test expects at least 2 cores, as the README's machine has"
+    budget = results["config"]["budget"]
     baseline = json.loads((out / "baseline" / "done.json").read_text())
-    seg, cls = (json.loads((out / s / "done.json").read_text()) for s in ("seg", "cls"))
-    assert baseline["budget_minutes"] == pytest.approx(seg["minutes"] + cls["minutes"], abs=1e-3)
+    assert baseline["budget_minutes"] == pytest.approx(budget["seg_minutes"] + budget["cls_minutes"])
+    assert "[two-stage] [1/3 train segmentation]" in caplog.text and "[single-stage] [1/2 train single-stage]" in caplog.text
+    assert "side by side, each in its own process on 1 CPU core" in results["budget"]
+    assert {p.name for p in (out / "logs").iterdir()} >= {"two-stage.log", "single-stage.log"}
 
     n_test = results["dataset"]["n_images"]
     assert n_test == len(list((out / "test_images").iterdir())) > 0
@@ -100,6 +107,19 @@ def test_quick_demo_trains_runs_evaluates_reports_and_resumes(tmp_path, caplog):
     assert text.count("already done") == 2
     assert {s: (out / s / "best.ckpt").stat().st_mtime_ns for s in ("seg", "cls", "baseline")} == before
     assert again["systems"]["two-stage"]["metrics"]["froc"] == results["systems"]["two-stage"]["metrics"]["froc"]
+
+
+@pytest.mark.slow
+def test_without_parallel_the_baseline_trains_after_the_two_stages_on_their_measured_minutes(tmp_path, caplog):
+    from experiments.demo import run_demo
+
+    out = tmp_path / "demo"
+    caplog.set_level(logging.INFO, logger="cytofuse")
+    results = run_demo(out, quick=True, overrides=["parallel=false"])
+    seg, cls, baseline = (json.loads((out / s / "done.json").read_text()) for s in ("seg", "cls", "baseline"))
+    assert baseline["budget_minutes"] == pytest.approx(seg["minutes"] + cls["minutes"], abs=1e-3)
+    assert "[5/8 train single-stage]" in caplog.text and "[two-stage]" not in caplog.text and not (out / "logs").exists()
+    assert results["systems"]["single-stage"]["metrics"]["accuracy"] is not None
 
 
 def test_quick_config_is_small():

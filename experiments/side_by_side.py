@@ -1,0 +1,190 @@
+"""Train and run the two compared systems at once, each in its own process on its own half of the cores.
+
+Why: one MindSpore process does not use two CPU cores fully, and the post-processing between the
+networks runs on one. On the 2-core machine this project is built on, one process with 2 threads
+trains 7.5 U-Net patches/s, while two processes with one thread each, pinned to a core each, train
+5.7 + 5.5 (``python -m experiments.benchmarks.seg_speed --skip memory --skip inference --threads 1``
+under ``taskset``, one and two at a time). So the comparison finishes ~1.5x sooner side by side, and
+stays fair: each system gets the same number of cores for the same minutes. The single-stage
+baseline cannot wait for the two stages' measured minutes here, so it gets their budgets in full
+(:func:`experiments.compare.baseline_budget`), at least the compute the two stages can use.
+
+``parallel: auto`` (the default) runs side by side when both systems are compared, this process may
+use two or more cores, and it is not an msrun worker; ``true`` insists, ``false`` runs them one after
+the other in this process. Each worker is ``python -m experiments.side_by_side`` on the run folder:
+it reads ``OUT/compare_config.yaml`` and ``OUT/splits.csv`` that the parent wrote, trains and infers
+its system exactly as the one-process run does (:func:`experiments.compare.run_two_stage` /
+:func:`~experiments.compare.run_single_stage`, so resuming and reuse are the same), writes its
+training records to ``OUT/logs/<system>.json`` and its log to ``OUT/logs/<system>.log``; the parent
+echoes each log line with the system's name and scores both when both have finished. A failed
+worker stops nothing that finished: run the same command again and both continue where they were.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from cytocore.atomic import write_json
+from cytocore.errors import CytoFuseError
+
+from .runkit import SINGLE_STAGE, TWO_STAGE
+
+log = logging.getLogger("cytofuse")
+
+__all__ = ["core_sets", "core_text", "run_systems"]
+
+
+def core_sets(cfg: Mapping[str, Any]) -> Optional[list[list[int]]]:
+    """The cores of each system, in ``cfg['systems']`` order, or None to run them one after the other."""
+    mode = cfg.get("parallel", "auto")
+    if mode not in ("auto", True, False):
+        raise CytoFuseError(f"parallel must be auto, true or false, not {mode!r}")
+    if mode is False:
+        return None
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    reason = _why_not(cfg, len(cores))
+    if reason:
+        if mode is True:
+            raise CytoFuseError(f"parallel: true, but {reason} (set parallel: false or auto)")
+        log.info("    the systems run one after the other: %s", reason)
+        return None
+    half = len(cores) // 2
+    return [cores[:half], cores[half:2 * half]]
+
+
+def _why_not(cfg: Mapping[str, Any], n_cores: int) -> Optional[str]:
+    from cytocore import distributed
+
+    b = cfg["budget"]
+    if sorted(cfg["systems"]) != sorted([TWO_STAGE, SINGLE_STAGE]):
+        return "only one system is compared"
+    if not hasattr(os, "sched_setaffinity"):
+        return "this platform cannot pin a process to cores"
+    if n_cores < 2:
+        return f"this process may use {n_cores} core"
+    if distributed.launched():
+        return "this is an msrun job (its workers already share the cores)"
+    if b["baseline_minutes"] == "auto" and (b["seg_minutes"] is None or b["cls_minutes"] is None):
+        return "the baseline's auto budget needs seg_minutes and cls_minutes"
+    return None
+
+
+def core_text(cores: Sequence[int]) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+def run_systems(systems: Sequence[str], cores: Sequence[Sequence[int]], out: Path) -> dict:
+    """Start one worker per system, echo their logs, wait for both; return their training records
+    (``seg``, ``cls``, ``baseline`` as in ``done.json``). Ctrl-C or an error here stops both workers."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs, echoes = {}, []
+    try:
+        for system, mine in zip(systems, cores):
+            (logs / f"{system}.json").unlink(missing_ok=True)
+            cmd = [sys.executable, "-m", "experiments.side_by_side", "--out", str(out), "--system", system,
+                   "--cores", core_text(mine)]
+            procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                             text=True, encoding="utf-8", errors="replace")
+            echo = threading.Thread(target=_echo, args=(system, procs[system].stdout, logs / f"{system}.log"), daemon=True)
+            echo.start()
+            echoes.append(echo)
+        codes = {system: p.wait() for system, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        for echo in echoes:
+            echo.join(timeout=5)
+    failed = [s for s, code in codes.items() if code != 0]
+    if failed:
+        raise CytoFuseError("; ".join(f"{s} failed (exit {codes[s]}): {_last_error(logs / f'{s}.log')}, see {logs / f'{s}.log'}"
+                                      for s in failed) + "; run the same command again to continue from what finished")
+    runs: dict = {}
+    for system in systems:
+        runs.update(json.loads((logs / f"{system}.json").read_text(encoding="utf-8")))
+    return runs
+
+
+def _echo(system: str, stream: Any, path: Path) -> None:
+    """Copy a worker's output to its log file and to this process's log, line by line, with its name."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for line in stream:
+            fh.write(line)
+            fh.flush()
+            text = line.rstrip()
+            if not text:
+                continue
+            level, _, message = text.partition(": ")
+            if level in ("INFO", "WARNING", "ERROR", "DEBUG") and message:
+                log.log(getattr(logging, level), "[%s] %s", system, message)
+            else:
+                log.info("[%s] %s", system, text)
+
+
+def _last_error(path: Path) -> str:
+    lines = [x.strip() for x in path.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
+    for line in reversed(lines):
+        if line.startswith(("error:", "ERROR:")) or "Error" in line.split(":")[0]:
+            return line
+    return lines[-1] if lines else "no output"
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def work(out: Path, system: str) -> dict:
+    """One system's whole run in this process, from the files the parent wrote."""
+    import yaml
+
+    from . import compare
+    from .runkit import Phases, prepare_data
+
+    cfg = yaml.safe_load((out / "compare_config.yaml").read_text(encoding="utf-8"))
+    cfg["progress"] = False  # bars from two processes would interleave; the phase and epoch lines remain
+    ds, data_path = prepare_data(cfg, out)
+    phases = Phases(compare.system_phase_names([system], bool(cfg["fusion_fit"])))
+    if system == TWO_STAGE:
+        return compare.run_two_stage(cfg, ds, data_path, out, phases, progress=False)
+    seg, cls = compare.planned_stage_budgets(cfg, data_path)
+    return compare.run_single_stage(cfg, ds, data_path, out, phases, False, seg, cls)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="one system of `cytofuse compare`, run side by side (internal)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--system", required=True, choices=[TWO_STAGE, SINGLE_STAGE])
+    parser.add_argument("--cores", required=True, help="comma-separated CPU cores this worker may use")
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, [int(c) for c in args.cores.split(",")])  # before MindSpore sizes its thread pool
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stdout)
+    out = Path(args.out)
+    code = 0
+    try:
+        write_json(out / "logs" / f"{args.system}.json", work(out, args.system))
+    except CytoFuseError as exc:
+        print(f"error: {exc}", flush=True)
+        code = 2
+    except Exception:  # noqa: BLE001 - a bug: its traceback goes to the log the parent names
+        import traceback
+
+        traceback.print_exc(file=sys.stdout)
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)  # skip MindSpore's teardown noise (see experiments.cli.main)
+
+
+if __name__ == "__main__":
+    main()
