@@ -29,7 +29,7 @@ META_KEY = "cytofuse_meta"
 _state: dict[str, Any] = {"ready": False}
 
 
-def _mindspore_env() -> None:
+def mindspore_env() -> None:
     """Environment MindSpore reads before its first kernel: glog keeps only errors unless the user
     asked for verbose output, no compile caches in the working directory, and the oneDNN cap of
     :func:`onednn_isa_cap`."""
@@ -98,7 +98,7 @@ def setup(seed: Optional[int] = 0, threads: Optional[int] = None, mode: str = "g
     by msrun joins its job here (:mod:`cytocore.distributed`); msrun's scheduler process stays in that
     call until the job ends.
     """
-    _mindspore_env()
+    mindspore_env()
     import mindspore as ms
 
     if not _state["ready"]:

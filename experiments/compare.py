@@ -13,8 +13,10 @@ split, which stage options and how many training minutes. The run folder then ho
 
 Fair comparison: both systems train on the same split with the same seed; the baseline is the
 segmentation stage's own U-Net and loop with K+1 outputs, and its training budget is the minutes
-the two stages actually used together (``budget.baseline_minutes: auto``). Both are scored by
-:func:`experiments.evaluate.evaluate` on the same files the CLI writes.
+the two stages actually used together (``budget.baseline_minutes: auto``), or their minute budgets
+in full when the systems run side by side on half the cores each (:mod:`experiments.side_by_side`,
+``parallel: auto``). Both are scored by :func:`experiments.evaluate.evaluate` on the same files the
+CLI writes.
 
 This module holds the run's phases (config, train, fit fusion, infer, evaluate, report); the
 training stages' configs and reuse are in :mod:`experiments.stages`, data, test images and scoring
@@ -61,7 +63,7 @@ log = logging.getLogger("cytofuse")
 
 PathLike = Union[str, Path]
 
-__all__ = ["load_compare_config", "run_compare", "run_classifier_only"]
+__all__ = ["load_compare_config", "run_compare", "run_classifier_only", "run_two_stage", "run_single_stage"]
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -191,8 +193,8 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     systems = list(cfg["systems"])
     if systems == [CLASSIFIER]:
         return run_classifier_only(cfg, out)
-    cores = side_by_side.core_sets(cfg)
-    phases = Phases(phase_names(systems, bool(cfg["fusion_fit"]), side_by_side=cores is not None))
+    threads = side_by_side.threads_each(cfg)
+    phases = Phases(phase_names(systems, bool(cfg["fusion_fit"]), side_by_side=threads is not None))
     progress = bool(cfg["progress"])
 
     phases.start("data")
@@ -205,11 +207,10 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     phases.note(f"{len(ds)} images, classes {', '.join(ds.class_names)}; splits " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     link_split_images(ds, d["test_split"], out / "test_images")
 
-    if cores is not None:
-        phases.start("train and infer side by side", ", ".join(f"{s} on core(s) {side_by_side.core_text(c)}"
-                                                               for s, c in zip(systems, cores)))
-        runs = side_by_side.run_systems(systems, cores, out)
-        where = f" with the two systems side by side, each in its own process on {len(cores[0])} CPU core(s)"
+    if threads is not None:
+        phases.start("train and infer side by side", f"{' and '.join(systems)}, {threads} thread(s) each")
+        runs = side_by_side.run_systems(systems, threads, out)
+        where = f" with the two systems side by side, each in its own process with {threads} CPU thread(s)"
     else:
         runs = {}
         if TWO_STAGE in systems:

@@ -1,16 +1,21 @@
-"""Train and run the two compared systems at once, each in its own process on its own half of the cores.
+"""Train and run the two compared systems at once, each in its own process with half the cores' threads.
 
 Why: one MindSpore process does not use two CPU cores fully, and the post-processing between the
 networks runs on one. On the 2-core machine this project is built on, one process with 2 threads
-trains 7.5 U-Net patches/s, while two processes with one thread each, pinned to a core each, train
-5.7 + 5.5 (``python -m experiments.benchmarks.seg_speed --skip memory --skip inference --threads 1``
-under ``taskset``, one and two at a time). So the comparison finishes ~1.5x sooner side by side, and
-stays fair: each system gets the same number of cores for the same minutes. The single-stage
-baseline cannot wait for the two stages' measured minutes here, so it gets their budgets in full
-(:func:`experiments.compare.baseline_budget`), at least the compute the two stages can use.
+trains 7.5 U-Net patches/s, while two processes with one thread each train 5.7 + 5.9
+(``python -m experiments.benchmarks.seg_speed --skip memory --skip inference --threads 1``, one and two
+at a time). So the comparison finishes sooner side by side, and stays fair: each system gets the same
+threads for the same minutes. The single-stage baseline cannot wait for the two stages' measured
+minutes here, so it gets their budgets in full (:func:`experiments.compare.baseline_budget`), at least
+the compute the two stages can use.
+
+The workers share all cores rather than being pinned to one each: MindSpore 2.10 trains EfficientNet
+~5x slower in a process confined to one core (8.7 crops/s with ``taskset -c 0`` against 42.5 with
+the same single kernel thread and two cores allowed; ``experiments.benchmarks.cls_speed``), while
+unpinned two one-thread processes train 17.8 + 16.8 crops/s, and the U-Net is as fast either way.
 
 ``parallel: auto`` (the default) runs side by side when both systems are compared, this process may
-use two or more cores, and it is not an msrun worker; ``true`` insists, ``false`` runs them one after
+use two or more cores, and it is not an msrun worker; ``true`` insists; ``false`` runs them one after
 the other in this process. Each worker is ``python -m experiments.side_by_side`` on the run folder:
 it reads ``OUT/compare_config.yaml`` and ``OUT/splits.csv`` that the parent wrote, trains and infers
 its system exactly as the one-process run does (:func:`experiments.compare.run_two_stage` /
@@ -38,25 +43,26 @@ from .runkit import SINGLE_STAGE, TWO_STAGE
 
 log = logging.getLogger("cytofuse")
 
-__all__ = ["core_sets", "core_text", "run_systems"]
+__all__ = ["threads_each", "run_systems"]
 
 
-def core_sets(cfg: Mapping[str, Any]) -> Optional[list[list[int]]]:
-    """The cores of each system, in ``cfg['systems']`` order, or None to run them one after the other."""
+def threads_each(cfg: Mapping[str, Any]) -> Optional[int]:
+    """The MindSpore threads of each system's worker, or None to run them one after the other."""
+    from cytocore import runtime
+
     mode = cfg.get("parallel", "auto")
     if mode not in ("auto", True, False):
         raise CytoFuseError(f"parallel must be auto, true or false, not {mode!r}")
     if mode is False:
         return None
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    reason = _why_not(cfg, len(cores))
+    cores = runtime.default_threads()
+    reason = _why_not(cfg, cores)
     if reason:
         if mode is True:
             raise CytoFuseError(f"parallel: true, but {reason} (set parallel: false or auto)")
         log.info("    the systems run one after the other: %s", reason)
         return None
-    half = len(cores) // 2
-    return [cores[:half], cores[half:2 * half]]
+    return cores // 2
 
 
 def _why_not(cfg: Mapping[str, Any], n_cores: int) -> Optional[str]:
@@ -65,8 +71,6 @@ def _why_not(cfg: Mapping[str, Any], n_cores: int) -> Optional[str]:
     b = cfg["budget"]
     if sorted(cfg["systems"]) != sorted([TWO_STAGE, SINGLE_STAGE]):
         return "only one system is compared"
-    if not hasattr(os, "sched_setaffinity"):
-        return "this platform cannot pin a process to cores"
     if n_cores < 2:
         return f"this process may use {n_cores} core"
     if distributed.launched():
@@ -76,22 +80,22 @@ def _why_not(cfg: Mapping[str, Any], n_cores: int) -> Optional[str]:
     return None
 
 
-def core_text(cores: Sequence[int]) -> str:
-    return ",".join(str(c) for c in cores)
-
-
-def run_systems(systems: Sequence[str], cores: Sequence[Sequence[int]], out: Path) -> dict:
+def run_systems(systems: Sequence[str], threads: int, out: Path) -> dict:
     """Start one worker per system, echo their logs, wait for both; return their training records
     (``seg``, ``cls``, ``baseline`` as in ``done.json``). Ctrl-C or an error here stops both workers."""
+    from cytocore import distributed, runtime
+
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    runtime.mindspore_env()  # quiet glog and the oneDNN cap, set before the workers import MindSpore
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[distributed.LOCAL_WORKERS_ENV] = str(len(systems))  # each worker's default threads: its share of the cores
     procs, echoes = {}, []
     try:
-        for system, mine in zip(systems, cores):
+        for system in systems:
             (logs / f"{system}.json").unlink(missing_ok=True)
             cmd = [sys.executable, "-m", "experiments.side_by_side", "--out", str(out), "--system", system,
-                   "--cores", core_text(mine)]
+                   "--threads", str(threads)]
             procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                              text=True, encoding="utf-8", errors="replace")
             echo = threading.Thread(target=_echo, args=(system, procs[system].stdout, logs / f"{system}.log"), daemon=True)
@@ -145,14 +149,17 @@ def _last_error(path: Path) -> str:
 # ------------------------------------------------------------------------------------------- worker
 
 
-def work(out: Path, system: str) -> dict:
+def work(out: Path, system: str, threads: int) -> dict:
     """One system's whole run in this process, from the files the parent wrote."""
     import yaml
+
+    from cytocore import runtime
 
     from . import compare
     from .runkit import Phases, prepare_data
 
     cfg = yaml.safe_load((out / "compare_config.yaml").read_text(encoding="utf-8"))
+    runtime.setup(seed=int(cfg["seed"]), threads=threads)  # first: the stages' own setup() then keeps these threads
     cfg["progress"] = False  # bars from two processes would interleave; the phase and epoch lines remain
     ds, data_path = prepare_data(cfg, out)
     phases = Phases(compare.system_phase_names([system], bool(cfg["fusion_fit"])))
@@ -166,14 +173,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="one system of `cytofuse compare`, run side by side (internal)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--system", required=True, choices=[TWO_STAGE, SINGLE_STAGE])
-    parser.add_argument("--cores", required=True, help="comma-separated CPU cores this worker may use")
+    parser.add_argument("--threads", type=int, required=True, help="MindSpore threads of this worker")
     args = parser.parse_args(argv)
-    os.sched_setaffinity(0, [int(c) for c in args.cores.split(",")])  # before MindSpore sizes its thread pool
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stdout)
     out = Path(args.out)
     code = 0
     try:
-        write_json(out / "logs" / f"{args.system}.json", work(out, args.system))
+        write_json(out / "logs" / f"{args.system}.json", work(out, args.system, args.threads))
     except CytoFuseError as exc:
         print(f"error: {exc}", flush=True)
         code = 2

@@ -19,6 +19,8 @@ from cytocore.config import load_config
 from cytocore.errors import CytoFuseError, DataError
 from cytocore.records import Dataset
 
+from .selection import BOX_METRICS
+
 log = logging.getLogger("cytofuse")
 
 
@@ -249,8 +251,14 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
     weights = cfg["loss"].get("class_weights")
     if weights is not None and weights != "auto" and not isinstance(weights, (list, tuple)):
         raise CytoFuseError(f"loss.class_weights must be null, auto or a list, got {weights!r}")
-    if loop.monitor in ("val_froc",) and not v.get("froc", True):
-        raise CytoFuseError("train.monitor is val_froc but validation.froc is false: enable it or monitor val_dice")
+    if loop.monitor in ("val_froc", "val_ap50") and not v.get("froc", True):
+        raise CytoFuseError(f"train.monitor is {loop.monitor} but validation.froc is false: enable it or monitor val_dice")
+    box_metric = str(v.get("box_metric", "froc"))
+    if box_metric not in BOX_METRICS:
+        raise CytoFuseError(f"validation.box_metric must be one of {', '.join(BOX_METRICS)}, not {box_metric!r}")
+    if loop.monitor in ("val_froc", "val_ap50") and loop.monitor != f"val_{box_metric}":
+        raise CytoFuseError(f"train.monitor is {loop.monitor} but validation.box_metric is {box_metric}: "
+                            f"monitor val_{box_metric}")
     return loop, model
 
 
@@ -310,7 +318,8 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
     if v.get("froc", True):
         from .selection import FrocTuner
 
-        tuner = FrocTuner(cfg.get("postprocess"), v.get("tune"), head is not None, multiclass=mode == "classes")
+        tuner = FrocTuner(cfg.get("postprocess"), v.get("tune"), head is not None, multiclass=mode == "classes",
+                          metric=str(v.get("box_metric", "froc")))
     validator = Validator(val_samples, int(v["tile"]), int(v["batch_size"]), mode, num_classes, ds.class_names,
                           float(v["threshold"]), bool(v["rand_error"]), model_cfg["instance_channels"], tuner)
     meta = {

@@ -288,33 +288,34 @@ def test_dataset_info_and_notes_name_the_split_and_skipped_rows(tmp_path):
 
 
 def test_side_by_side_needs_both_systems_two_cores_and_budgets(monkeypatch):
+    from cytocore import runtime
     from experiments import side_by_side
 
     cfg = _cfg()
-    monkeypatch.setattr(side_by_side.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    assert side_by_side.core_sets(cfg) == [[0], [1]]  # equal cores each; the odd one stays free
-    monkeypatch.setattr(side_by_side.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert side_by_side.core_sets(cfg) == [[0, 1], [2, 3]]
+    monkeypatch.setattr(runtime, "default_threads", lambda: 3)
+    assert side_by_side.threads_each(cfg) == 1  # equal threads each; the odd core is shared
+    monkeypatch.setattr(runtime, "default_threads", lambda: 4)
+    assert side_by_side.threads_each(cfg) == 2
     cfg["parallel"] = False
-    assert side_by_side.core_sets(cfg) is None
+    assert side_by_side.threads_each(cfg) is None
     cfg["parallel"] = True
     cfg["budget"]["cls_minutes"] = None  # the baseline's auto budget cannot be known before the stages run
     with pytest.raises(CytoFuseError, match="cls_minutes"):
-        side_by_side.core_sets(cfg)
+        side_by_side.threads_each(cfg)
     cfg["budget"]["baseline_minutes"] = 5
-    assert side_by_side.core_sets(cfg) == [[0, 1], [2, 3]]
+    assert side_by_side.threads_each(cfg) == 2
     cfg["systems"] = ["two-stage"]
     with pytest.raises(CytoFuseError, match="one system"):
-        side_by_side.core_sets(cfg)
+        side_by_side.threads_each(cfg)
     cfg["parallel"] = "auto"
-    assert side_by_side.core_sets(cfg) is None
+    assert side_by_side.threads_each(cfg) is None
     cfg["systems"], cfg["parallel"] = ["two-stage", "single-stage"], True
-    monkeypatch.setattr(side_by_side.os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(runtime, "default_threads", lambda: 1)
     with pytest.raises(CytoFuseError, match="1 core"):
-        side_by_side.core_sets(cfg)
+        side_by_side.threads_each(cfg)
     cfg["parallel"] = "yes"
     with pytest.raises(CytoFuseError, match="auto, true or false"):
-        side_by_side.core_sets(cfg)
+        side_by_side.threads_each(cfg)
 
 
 def test_side_by_side_baseline_gets_the_planned_budgets(tmp_path):
@@ -334,7 +335,7 @@ def test_failed_workers_are_one_line_naming_their_logs(tmp_path, monkeypatch):
     (out / "logs").mkdir(parents=True)
     (out / "compare_config.yaml").write_text("not: [a, valid\n")
     with pytest.raises(CytoFuseError) as info:
-        side_by_side.run_systems(["two-stage", "single-stage"], [[0], [1]], out)
+        side_by_side.run_systems(["two-stage", "single-stage"], 1, out)
     message = str(info.value)
     assert "\n" not in message and "two-stage failed" in message and "single-stage failed" in message
     assert str(out / "logs" / "two-stage.log") in message and "run the same command again" in message

@@ -11,6 +11,7 @@ import pytest
 from experiments import compare as cmp
 from experiments.demo import QUICK_CONFIG, demo_config, summary_text, terminal_table
 from experiments.stages import CONFIG_DIR
+from segmentation.train import check_config
 
 #: Stage and target-comparison configs live in experiments/configs too; they are not comparison configs.
 STAGE_CONFIGS = ("seg_", "cls_", "targets_")
@@ -34,6 +35,8 @@ def test_shipped_configs_are_valid(path, tmp_path):
         base = cmp.baseline_stage_config(cfg, tmp_path, 2.0, epochs=3)
         assert seg["targets"]["mode"] == "binary" and base["targets"]["mode"] == "classes"
         assert base["model"] == seg["model"], "the baseline must be the segmentation stage's U-Net"
+        for stage in (seg, base):  # monitor, box metric, sizes: what seg train would refuse after minutes of setup
+            check_config(stage)
         cmp.infer_config(cfg)
 
 
@@ -67,14 +70,14 @@ def test_quick_demo_trains_runs_evaluates_reports_and_resumes(tmp_path, caplog):
     for stage in ("seg", "cls", "baseline"):
         done = json.loads((out / stage / "done.json").read_text())
         assert (out / stage / "best.ckpt").is_file() and done["epochs"] >= 1 and done["samples"] > 0
-    # Side by side (2 cores, as in CI): each system in its own process on one core, the baseline with
+    # Side by side (2 cores, as in CI): each system in its own process with one thread, the baseline with
     # the two stages' budgets in full; both workers' logs are kept and echoed with their names.
     assert len(os.sched_getaffinity(0)) >= 2, "this test expects at least 2 cores, as the README's machine has"
     budget = results["config"]["budget"]
     baseline = json.loads((out / "baseline" / "done.json").read_text())
     assert baseline["budget_minutes"] == pytest.approx(budget["seg_minutes"] + budget["cls_minutes"])
     assert "[two-stage] [1/3 train segmentation]" in caplog.text and "[single-stage] [1/2 train single-stage]" in caplog.text
-    assert "side by side, each in its own process on 1 CPU core" in results["budget"]
+    assert "side by side, each in its own process with 1 CPU thread" in results["budget"]
     assert {p.name for p in (out / "logs").iterdir()} >= {"two-stage.log", "single-stage.log"}
 
     n_test = results["dataset"]["n_images"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from skimage import draw
 
 from segmentation.selection import FrocTuner, ValImage, tune_grid
@@ -25,6 +26,27 @@ def test_tuner_picks_the_threshold_that_separates_cells_and_keeps_it():
     metrics = tuner.metrics([image])
     assert metrics["val_froc"] == 1.0 and metrics["tuned_threshold"] == 0.5 and metrics["tuned_min_area"] == 5
     assert tuner.current["threshold"] == 0.5  # the next epoch starts from there
+
+
+def _peanut():
+    """One cell shaped like a peanut (two overlapping discs, one ground-truth box): markers 4 px apart
+    cut it in two halves, each inside the box (IoP 1) but covering about half of it (IoU < 0.5)."""
+    prob = np.zeros((60, 90), np.float32)
+    for cx in (30, 58):
+        rr, cc = draw.disk((30, cx), 16, shape=prob.shape)
+        prob[rr, cc] = 0.9
+    return ValImage(prob, None, np.array([[14, 14, 75, 47]], np.float64))
+
+
+def test_ap50_search_keeps_a_cell_whole_where_the_iop_froc_is_indifferent_to_halves():
+    image = _peanut()
+    post = {"min_area": 5, "markers": "peak_local_max", "min_distance": 4, "smooth_sigma": 0}
+    iop = FrocTuner(post, {"min_distance": [4, 40]}, has_head=False)
+    assert iop.metrics([image])["val_froc"] == 1.0 and iop.current["min_distance"] == 4  # halves hit too: a tie
+    iou = FrocTuner(post, {"min_distance": [4, 40]}, has_head=False, metric="ap50")
+    assert iou.froc([image], {**iou.current}) < 0.5  # two half-boxes: no IoU match
+    metrics = iou.metrics([image])
+    assert metrics["val_ap50"] == pytest.approx(1.0) and "val_froc" not in metrics and iou.current["min_distance"] == 40
 
 
 def test_tune_grid_includes_the_configured_values():
@@ -91,3 +113,15 @@ def test_tuner_chooses_head_peaks_over_cores_when_the_head_is_blurred_and_the_ch
     assert metrics["val_froc"] == 1.0
     assert tuned_postprocess({"metrics": metrics})["markers"] == "head_peaks"
     assert tune_grid({"markers": ["head_peaks"]}, post, has_head=False)["markers"] == []
+
+
+def test_the_monitor_must_be_the_metric_the_search_maximises():
+    from cytocore.errors import CytoFuseError
+    from segmentation.train import check_config, load_seg_config
+
+    cfg = load_seg_config(None, ["validation.box_metric=ap50"])
+    with pytest.raises(CytoFuseError, match="monitor val_ap50"):
+        check_config(cfg)
+    check_config(load_seg_config(None, ["validation.box_metric=ap50", "train.monitor=val_ap50"]))
+    with pytest.raises(CytoFuseError, match="box_metric must be one of froc, ap50"):
+        check_config(load_seg_config(None, ["validation.box_metric=iou"]))
