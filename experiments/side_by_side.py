@@ -16,7 +16,7 @@ unpinned two one-thread processes train 17.8 + 16.8 crops/s, and the U-Net is as
 
 ``parallel: auto`` (the default) runs side by side when both systems are compared, this process may
 use two or more cores, and it is not an msrun worker; ``true`` insists; ``false`` runs them one after
-the other in this process. Each worker is ``python -m experiments.side_by_side`` on the run folder:
+the other in this process. Each worker is ``python -m experiments.system_worker`` on the run folder:
 it reads ``OUT/compare_config.yaml`` and ``OUT/splits.csv`` that the parent wrote, trains and infers
 its system exactly as the one-process run does (:func:`experiments.compare.run_two_stage` /
 :func:`~experiments.compare.run_single_stage`, so resuming and reuse are the same), writes its
@@ -26,7 +26,6 @@ worker stops nothing that finished: run the same command again and both continue
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,7 +35,6 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from cytocore.atomic import write_json
 from cytocore.errors import CytoFuseError
 
 from .runkit import SINGLE_STAGE, TWO_STAGE
@@ -94,7 +92,7 @@ def run_systems(systems: Sequence[str], threads: int, out: Path) -> dict:
     try:
         for system in systems:
             (logs / f"{system}.json").unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "experiments.side_by_side", "--out", str(out), "--system", system,
+            cmd = [sys.executable, "-m", "experiments.system_worker", "--out", str(out), "--system", system,
                    "--threads", str(threads)]
             procs[system] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                              text=True, encoding="utf-8", errors="replace")
@@ -144,53 +142,3 @@ def _last_error(path: Path) -> str:
         if line.startswith(("error:", "ERROR:")) or "Error" in line.split(":")[0]:
             return line
     return lines[-1] if lines else "no output"
-
-
-# ------------------------------------------------------------------------------------------- worker
-
-
-def work(out: Path, system: str, threads: int) -> dict:
-    """One system's whole run in this process, from the files the parent wrote."""
-    import yaml
-
-    from cytocore import runtime
-
-    from . import compare
-    from .runkit import Phases, prepare_data
-
-    cfg = yaml.safe_load((out / "compare_config.yaml").read_text(encoding="utf-8"))
-    runtime.setup(seed=int(cfg["seed"]), threads=threads)  # first: the stages' own setup() then keeps these threads
-    cfg["progress"] = False  # bars from two processes would interleave; the phase and epoch lines remain
-    ds, data_path = prepare_data(cfg, out)
-    phases = Phases(compare.system_phase_names([system], bool(cfg["fusion_fit"])))
-    if system == TWO_STAGE:
-        return compare.run_two_stage(cfg, ds, data_path, out, phases, progress=False)
-    seg, cls = compare.planned_stage_budgets(cfg, data_path)
-    return compare.run_single_stage(cfg, ds, data_path, out, phases, False, seg, cls)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="one system of `cytofuse compare`, run side by side (internal)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--system", required=True, choices=[TWO_STAGE, SINGLE_STAGE])
-    parser.add_argument("--threads", type=int, required=True, help="MindSpore threads of this worker")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stdout)
-    out = Path(args.out)
-    code = 0
-    try:
-        write_json(out / "logs" / f"{args.system}.json", work(out, args.system, args.threads))
-    except CytoFuseError as exc:
-        print(f"error: {exc}", flush=True)
-        code = 2
-    except Exception:  # noqa: BLE001 - a bug: its traceback goes to the log the parent names
-        import traceback
-
-        traceback.print_exc(file=sys.stdout)
-        code = 1
-    sys.stdout.flush()
-    os._exit(code)  # skip MindSpore's teardown noise (see experiments.cli.main)
-
-
-if __name__ == "__main__":
-    main()
