@@ -17,8 +17,7 @@ from typing import Optional, Sequence
 from cytocore.atomic import write_json
 from cytocore.errors import CytoFuseError
 
-from .runkit import SINGLE_STAGE, TWO_STAGE
-
+from .runkit import SINGLE_STAGE, TWO_STAGE, Phases, prepare_data
 
 
 def work(out: Path, system: str, threads: int) -> dict:
@@ -28,7 +27,6 @@ def work(out: Path, system: str, threads: int) -> dict:
     from cytocore import runtime
 
     from . import compare
-    from .runkit import Phases, prepare_data
 
     cfg = yaml.safe_load((out / "compare_config.yaml").read_text(encoding="utf-8"))
     runtime.setup(seed=int(cfg["seed"]), threads=threads)  # first: the stages' own setup() then keeps these threads

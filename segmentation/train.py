@@ -251,12 +251,13 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
     weights = cfg["loss"].get("class_weights")
     if weights is not None and weights != "auto" and not isinstance(weights, (list, tuple)):
         raise CytoFuseError(f"loss.class_weights must be null, auto or a list, got {weights!r}")
-    if loop.monitor in ("val_froc", "val_ap50") and not v.get("froc", True):
+    box_monitor = loop.monitor in {f"val_{m}" for m in BOX_METRICS}
+    if box_monitor and not v.get("froc", True):
         raise CytoFuseError(f"train.monitor is {loop.monitor} but validation.froc is false: enable it or monitor val_dice")
     box_metric = str(v.get("box_metric", "froc"))
     if box_metric not in BOX_METRICS:
         raise CytoFuseError(f"validation.box_metric must be one of {', '.join(BOX_METRICS)}, not {box_metric!r}")
-    if loop.monitor in ("val_froc", "val_ap50") and loop.monitor != f"val_{box_metric}":
+    if box_monitor and loop.monitor != f"val_{box_metric}":
         raise CytoFuseError(f"train.monitor is {loop.monitor} but validation.box_metric is {box_metric}: "
                             f"monitor val_{box_metric}")
     return loop, model
