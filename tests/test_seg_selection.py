@@ -66,7 +66,7 @@ def test_best_checkpoint_follows_validation_froc_and_carries_its_tuned_values(tm
     from tests.test_seg_train import TINY, _write_dataset
 
     ds = _write_dataset(tmp_path / "data")
-    cfg = load_seg_config(overrides=TINY + ["train.epochs=3", "postprocess.min_area=4"])
+    cfg = load_seg_config(overrides=TINY + ["train.epochs=3", "postprocess.min_area=4", "train.validate_from=0"])
     assert cfg["train"]["monitor"] == "val_froc"
     setup = build_task(cfg, ds, progress=False)
     real = setup.task.validate

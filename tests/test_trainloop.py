@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cytocore import runtime
-from cytocore.trainloop import LoopConfig, OptimConfig, TrainTask, lr_table, train
+from cytocore.trainloop import LoopConfig, OptimConfig, TrainTask, lr_at, lr_table, train
 
 
 def _task(seed: int = 0) -> TrainTask:
@@ -44,6 +44,14 @@ def test_lr_table_is_cosine_from_lr_to_floor():
     assert lr[0] == pytest.approx(1.0)
     assert np.all(np.diff(lr) <= 0)
     assert lr[-1] < 0.05
+
+
+def test_warm_up_counts_steps_even_when_the_time_budget_runs_ahead():
+    cfg = LoopConfig(epochs=8, steps_per_epoch=25, optimizer=OptimConfig(lr=1.0, warmup_epochs=0.5))
+    # step 2 of a budgeted run whose first step (graph compile) took 3 % of the budget
+    assert lr_at(np.array(0.03), cfg, np.array(1.0)) == pytest.approx(2 / 12.5, rel=1e-2)
+    assert lr_at(np.array(0.03), cfg) > 0.5  # counted as progress, the warm-up would be nearly over
+    assert lr_at(np.array(0.5), cfg, np.array(100.0)) == pytest.approx(lr_at(np.array(0.5), cfg))
 
 
 def test_training_lowers_validation_loss_and_writes_outputs(tmp_path):
@@ -110,6 +118,38 @@ def test_background_prefetch_trains_the_same_weights(tmp_path):
     train(ahead, replace(_cfg(2), prefetch=2), tmp_path / "ahead")
     for a, b in zip(_weights(plain.network), _weights(ahead.network)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_validation_starts_at_validate_from_and_best_comes_from_validated_epochs(tmp_path):
+    from dataclasses import replace
+
+    task = _task()
+    calls = []
+    validate = task.validate
+    task.validate = lambda net: calls.append(1) or validate(net)
+    result = train(task, replace(_cfg(4), validate_from=0.6), tmp_path)
+    assert len(calls) == 2  # epochs 3 (progress 0.75) and 4, not 1 (0.25) or 2 (0.5)
+    assert ["val_loss" in r for r in result.history] == [False, False, True, True]
+    _, meta = runtime.load_checkpoint(tmp_path / "best.ckpt")
+    assert meta["epoch"] in (3, 4)
+    # resuming a half-validated run goes on from its log
+    assert len((tmp_path / "log.csv").read_text().strip().splitlines()) == 5
+
+
+def test_the_last_epoch_is_validated_even_when_the_budget_ends_the_run_early(tmp_path):
+    from dataclasses import replace
+
+    task = _task()
+    result = train(task, replace(_cfg(1000), time_budget_minutes=0.03, validate_from=1.0), tmp_path)
+    assert 1 <= len(result.history) < 1000
+    assert "val_loss" in result.history[-1]
+    assert all("val_loss" not in r for r in result.history[:-1])
+    assert (tmp_path / "best.ckpt").is_file()
+
+
+def test_validate_from_must_be_a_share_of_training():
+    with pytest.raises(ValueError, match="validate_from"):
+        LoopConfig.from_dict({"validate_from": 1.5})
 
 
 def test_onednn_isa_cap_only_on_amd_with_avx512(tmp_path):
