@@ -2,8 +2,8 @@
 
 A stage describes *what* to train as a :class:`TrainTask` (network, loss, batches per epoch,
 validation); this module owns *how*: a compiled (graph-mode) train step, AdamW/Adam with a cosine
-schedule, per-epoch validation (from ``validate_from`` on), best/last checkpoints, a CSV log, tqdm progress with ETA, a config
-snapshot, and an exact ``resume`` after the process was killed.
+schedule, per-epoch validation (from ``validate_from`` on), best/last checkpoints, a CSV log, tqdm
+progress with ETA, a config snapshot, and an exact ``resume`` after the process was killed.
 
 Why resume is exact: the optimiser's moments and step counter are saved with the weights in
 ``last.ckpt``; the learning rate is a function of that counter; and each epoch's batches and
