@@ -76,7 +76,7 @@ def train_unet(cfg: dict, dataset: Dataset, out: PathLike, resume: bool = True, 
     """
     from cytocore import runtime
     from cytocore.trainloop import train
-    from segmentation.train import build_task
+    from segmentation.train import build_task, retune_best_checkpoint
 
     setup = build_task(cfg, dataset, progress=progress)
     log.info(
@@ -86,7 +86,9 @@ def train_unet(cfg: dict, dataset: Dataset, out: PathLike, resume: bool = True, 
         setup.meta["model"]["out_channels"],
     )
     setup.task.meta["runtime"] = runtime.runtime_info()
-    return train(setup.task, setup.loop, out, resume=resume, config_snapshot=cfg)
+    result = train(setup.task, setup.loop, out, resume=resume, config_snapshot=cfg)
+    retune_best_checkpoint(setup, result.best_checkpoint)
+    return result
 
 
 # ------------------------------------------------------------------------------------------ decoding

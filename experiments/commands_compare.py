@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser(
         "demo",
-        help="everything on synthetic data in one folder: train, compare, report (about 15 min on 2 CPU cores)",
+        help="everything on synthetic data in one folder: train, compare, report (about 18-19 min on 2 CPU cores)",
         description=(
             "Generate the synthetic lung-cytology set, train the two-stage system and the single-stage baseline, "
             "run and score both on the test split, print the table and write OUT/README.md saying what to open."

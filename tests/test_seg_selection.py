@@ -125,3 +125,40 @@ def test_the_monitor_must_be_the_metric_the_search_maximises():
     check_config(load_seg_config(None, ["validation.box_metric=ap50", "train.monitor=val_ap50"]))
     with pytest.raises(CytoFuseError, match="box_metric must be one of froc, ap50"):
         check_config(load_seg_config(None, ["validation.box_metric=iou"]))
+
+
+def test_validation_subset_covers_every_class_and_healthy_images():
+    from types import SimpleNamespace
+
+    from segmentation.train import covering_subset
+
+    def rec(i, rows):
+        labels = np.array(rows, np.uint8).reshape(-1, 3)
+        return SimpleNamespace(image_id=f"im{i:02d}", n_boxes=len(labels), labels=labels)
+
+    # the first four by id hold only class 0: a subset of four must still show classes 1, 2 and a healthy image
+    records = [rec(i, [[1, 0, 0]]) for i in range(4)] + [rec(4, [[0, 1, 0]]), rec(5, [[0, 0, 1]]), rec(6, [])]
+    chosen = covering_subset(records, 4)
+    assert [r.image_id for r in chosen] == ["im00", "im04", "im05", "im06"]
+    assert covering_subset(records, 10) == sorted(records, key=lambda r: r.image_id)
+
+
+def test_the_chosen_checkpoint_is_re_tuned_on_every_validation_image(tmp_path):
+    from cytocore import runtime
+    from cytocore.trainloop import train
+    from segmentation.train import build_task, load_seg_config, retune_best_checkpoint
+    from tests.test_seg_train import TINY, _write_dataset
+
+    ds = _write_dataset(tmp_path / "data", n=8)  # 6 train, 2 val
+    cfg = load_seg_config(overrides=TINY + ["validation.max_images=1", "postprocess.min_area=4"])
+    setup = build_task(cfg, ds, progress=False)
+    assert len(setup.val_samples) == 1 and len(setup.all_val_records) == 2
+    result = train(setup.task, setup.loop, tmp_path / "run")
+    metrics = retune_best_checkpoint(setup, result.best_checkpoint)
+    assert metrics is not None
+    _, meta = runtime.load_checkpoint(result.best_checkpoint)
+    saved = meta["metrics"]
+    assert saved["tuned_on_images"] == 2.0  # the epochs saw one image; the final search both
+    assert saved["val_froc_all"] >= saved["val_froc_all_epoch_values"]
+    assert all(saved[k] == metrics[k] for k in metrics if k.startswith("tuned_"))
+    assert retune_best_checkpoint(setup, result.best_checkpoint) is None  # done once, not again on resume
