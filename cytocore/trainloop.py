@@ -447,7 +447,8 @@ def train(
         train_seconds = time.time() - t_epoch
         net.set_train(False)
         dist.average_buffers(net)
-        # progress reaches 1 at the last epoch, also when the budget cuts it short (else see above)
+        # progress reaches 1 in the last epoch, also when the budget cuts it short; an epoch left
+        # unvalidated when the budget runs out between epochs is validated at the top of the loop
         validated = epoch + 1 == cfg.epochs or progress(used()) >= cfg.validate_from
         if not main:  # rank 0 validates and writes; the others wait for it at the next step's all-reduce
             continue

@@ -74,9 +74,7 @@ def train_unet(cfg: dict, dataset: Dataset, out: PathLike, resume: bool = True, 
     differ only by their config. The data set is passed in (not re-read from ``data.path``) so a
     split made once by the caller is the split every system trains and is tested on.
     """
-    from cytocore import runtime
-    from cytocore.trainloop import train
-    from segmentation.train import build_task, retune_best_checkpoint
+    from segmentation.train import build_task, train_and_retune
 
     setup = build_task(cfg, dataset, progress=progress)
     log.info(
@@ -85,10 +83,7 @@ def train_unet(cfg: dict, dataset: Dataset, out: PathLike, resume: bool = True, 
         f"depth {setup.meta['model']['depth']} width {setup.meta['model']['base_width']}", setup.meta["scale"],
         setup.meta["model"]["out_channels"],
     )
-    setup.task.meta["runtime"] = runtime.runtime_info()
-    result = train(setup.task, setup.loop, out, resume=resume, config_snapshot=cfg)
-    retune_best_checkpoint(setup, result.best_checkpoint)
-    return result
+    return train_and_retune(setup, out, resume, cfg)
 
 
 # ------------------------------------------------------------------------------------------ decoding

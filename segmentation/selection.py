@@ -110,11 +110,15 @@ class FrocTuner:
         return class_froc(pred_image, pred_boxes, scores, gt_image, gt_boxes, len(images)).froc
 
     def search(self, images: Sequence[ValImage], known: Optional[dict] = None) -> tuple[float, dict]:
-        """Coordinate search from the current values; returns the best FROC and values (kept for next time)."""
-        cache: dict[tuple, float] = dict(known or {})
+        """Coordinate search from the current values; returns the best FROC and values (kept for next time).
+
+        ``known`` maps :meth:`key` of values to scores already computed on ``images``; the scores
+        computed here are added to it, so a second pass on the same images repeats none.
+        """
+        cache: dict[tuple, float] = known if known is not None else {}
 
         def score(values: dict) -> float:
-            key = self._key(values)
+            key = self.key(values)
             if key not in cache:
                 cache[key] = self.froc(images, values)
             return cache[key]
@@ -141,9 +145,10 @@ class FrocTuner:
         """
         current = self.froc(images, self.current)
         if np.isfinite(current):
-            current, _ = self.search(images, known={self._key(self.current): current})
+            current, _ = self.search(images, known={self.key(self.current): current})
         return {f"val_{self.metric}": float(current), **{f"tuned_{k}": encode_tuned(k, v) for k, v in self.current.items()}}
 
     @staticmethod
-    def _key(values: dict) -> tuple:
+    def key(values: dict) -> tuple:
+        """The values of :data:`TUNED_KEYS` in order: how searched values are cached."""
         return tuple(values[k] for k in TUNED_KEYS)

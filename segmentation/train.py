@@ -56,7 +56,8 @@ def load_split_dataset(cfg: dict, data: Optional[PathLike] = None, fmt: Optional
     return ds
 
 
-def split_records(ds: Dataset, cfg: dict) -> tuple[list, list]:
+def whole_splits(ds: Dataset, cfg: dict) -> tuple[list, list]:
+    """The training images and every validation image (by id); an empty split is an error."""
     d = cfg["data"]
     train = [r for r in ds.records if r.split == d["train_split"]]
     val = sorted((r for r in ds.records if r.split == d["val_split"]), key=lambda r: r.image_id)
@@ -65,17 +66,28 @@ def split_records(ds: Dataset, cfg: dict) -> tuple[list, list]:
         raise DataError(f"{where}: no images in split {d['train_split']!r} (splits found: {', '.join(ds.splits()) or 'none'})")
     if not val:
         raise DataError(f"{where}: no images in split {d['val_split']!r} (splits found: {', '.join(ds.splits()) or 'none'})")
+    return train, val
+
+
+def epoch_validation_subset(val: Sequence, cfg: dict) -> list:
+    """The validation images every epoch is scored on: at most ``validation.max_images`` of ``val``."""
     limit = cfg["validation"]["max_images"]
-    return train, covering_subset(val, int(limit)) if limit else val
+    return covering_subset(val, int(limit)) if limit else list(val)
+
+
+def split_records(ds: Dataset, cfg: dict) -> tuple[list, list]:
+    """The training images and the validation images every epoch is scored on."""
+    train, val = whole_splits(ds, cfg)
+    return train, epoch_validation_subset(val, cfg)
 
 
 def covering_subset(records: Sequence, limit: int) -> list:
     """At most ``limit`` of ``records`` (by id) taken in turns from each class's images and the images
     without boxes, so that every class the split has is in the subset.
 
-    The post-processing values are tuned on these images: with the first N by id, the demo's 8
-    validation images once held no SCLC chain, the tuned marker threshold left chains unsplit, and
-    SCLC FROC on test fell to 0.11 while the U-Net's map showed every cell of the chain.
+    Checkpoints are ranked and post-processing values searched on these images after every epoch;
+    the first N by id may miss a class or the healthy images (the demo's first 8 of 30 held no
+    healthy image), and values tuned without them need not fit them.
     """
     records = sorted(records, key=lambda r: r.image_id)
     if len(records) <= limit:
@@ -168,13 +180,15 @@ class Validator:
             fg = np.stack([resize_plane(c, (w, h)) for c in semantic])
         return ValImage(fg, None if head is None else resize_plane(head, (w, h)), np.asarray(boxes, np.float64))
 
+    def planes(self, maps: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """One image's ``(C, h, w)`` maps split into the semantic channels and the instance head (or None)."""
+        semantic = maps[: maps.shape[0] - self.instance_channels]
+        return semantic, maps[semantic.shape[0]] if self.instance_channels else None
+
     def tuning_images(self, network: Any) -> list:
         """Every validation image's maps at full size with its boxes: what the post-processing search scores."""
-        out = []
-        for s, m in zip(self.samples, self.image_maps(self.predict_tiles(network))):
-            semantic = m[: m.shape[0] - self.instance_channels]
-            out.append(self.full_size(s, semantic, m[semantic.shape[0]] if self.instance_channels else None))
-        return out
+        return [self.full_size(s, *self.planes(m))
+                for s, m in zip(self.samples, self.image_maps(self.predict_tiles(network)))]
 
     def __call__(self, network: Any) -> dict[str, float]:
         from .metrics import SegScores
@@ -184,8 +198,7 @@ class Validator:
                            class_names=self.class_names, with_rand=self.with_rand)
         full = []
         for s, m in zip(self.samples, per_image):
-            semantic = m[: m.shape[0] - self.instance_channels]
-            head = m[semantic.shape[0]] if self.instance_channels else None
+            semantic, head = self.planes(m)
             h, w = s.size
             if self.mode == "binary":
                 pred = semantic[0] > self.threshold
@@ -321,8 +334,8 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
     model_cfg = resolve_model(cfg, mode, num_classes)
     multiple = 2 ** (int(model_cfg["depth"]) - 1)
 
-    train_recs, val_recs = split_records(ds, cfg)
-    all_val = sorted((r for r in ds.records if r.split == cfg["data"]["val_split"]), key=lambda r: r.image_id)
+    train_recs, all_val = whole_splits(ds, cfg)
+    val_recs = epoch_validation_subset(all_val, cfg)
     if t.get("mask_dir"):
         from .targets import records_with_mask_dir
 
@@ -410,9 +423,9 @@ def retune_best_checkpoint(setup: SegSetup, best_path: PathLike) -> Optional[dic
     images = whole.tuning_images(network)
     tuner.current = {k: decode_tuned(k, metrics[f"tuned_{k}"]) for k in TUNED_KEYS}
     before = tuner.froc(images, tuner.current)
-    best = before
+    scored = {tuner.key(tuner.current): before}  # the second pass scores only values the first did not
     for _ in range(2):
-        best, _values = tuner.search(images)
+        best, _ = tuner.search(images, known=scored)
     name = f"val_{tuner.metric}"
     metrics.update({f"tuned_{k}": encode_tuned(k, v) for k, v in tuner.current.items()})
     metrics.update({f"{name}_all": float(best), f"{name}_all_epoch_values": float(before),
@@ -426,9 +439,6 @@ def retune_best_checkpoint(setup: SegSetup, best_path: PathLike) -> Optional[dic
 def train_segmentation(cfg: dict, data: Optional[PathLike] = None, out: Optional[PathLike] = None,
                        resume: bool = False, fmt: Optional[str] = None, progress: Optional[bool] = None):
     """Run a whole training; returns :class:`cytocore.trainloop.TrainResult`."""
-    from cytocore import runtime
-    from cytocore.trainloop import train
-
     if progress is not None:
         cfg = {**cfg, "train": {**cfg["train"], "progress": bool(progress)}}
     if data is not None:
@@ -445,8 +455,19 @@ def train_segmentation(cfg: dict, data: Optional[PathLike] = None, out: Optional
         len(setup.train_samples), len(setup.val_samples), setup.meta["mode"], setup.meta["scale"],
         setup.meta["model"]["name"], setup.meta["model"]["depth"], setup.meta["model"]["base_width"],
     )
+    return train_and_retune(setup, out_dir, resume, cfg)
+
+
+def train_and_retune(setup: SegSetup, out: PathLike, resume: bool, cfg: dict):
+    """Train a built U-Net, then re-tune its chosen checkpoint on the whole validation split.
+
+    What ``cytofuse seg train`` and both U-Nets of ``cytofuse compare`` run; returns the TrainResult.
+    """
+    from cytocore import runtime
+    from cytocore.trainloop import train
+
     setup.task.meta["runtime"] = runtime.runtime_info()
-    result = train(setup.task, setup.loop, out_dir, resume=resume, config_snapshot=cfg)
+    result = train(setup.task, setup.loop, out, resume=resume, config_snapshot=cfg)
     retune_best_checkpoint(setup, result.best_checkpoint)
     return result
 
