@@ -2,8 +2,8 @@
 
 A stage describes *what* to train as a :class:`TrainTask` (network, loss, batches per epoch,
 validation); this module owns *how*: a compiled (graph-mode) train step, AdamW/Adam with a cosine
-schedule, per-epoch validation (from ``validate_from`` on), best/last checkpoints, a CSV log, tqdm
-progress with ETA, a config snapshot, and an exact ``resume`` after the process was killed.
+schedule, per-epoch validation (from ``validate_from`` on), an optional average of the weights
+(``ema``), best/last checkpoints, a CSV log, tqdm progress with ETA, a config snapshot, and an exact ``resume`` after the process was killed.
 
 Why resume is exact: the optimiser's moments and step counter are saved with the weights in
 ``last.ckpt``; the learning rate is a function of that counter; and each epoch's batches and
@@ -29,9 +29,10 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -40,6 +41,7 @@ from . import runtime
 from .atomic import write_json, write_text
 from .errors import CheckpointError
 from .prefetch import prefetch
+from .weight_average import RawWeights, WeightAverage, restore_raw
 
 log = logging.getLogger("cytofuse")
 
@@ -75,6 +77,9 @@ class LoopConfig:
     # epoch always is. Early checkpoints, taken at a high learning rate, win on small validation
     # sets by chance more often than by merit, and their validation costs budget minutes.
     validate_from: float = 0.0
+    # Per-step decay of an average of the weights (cytocore.weight_average); 0 = off. When on, the
+    # average is what is validated, chosen as best.ckpt and left in last.ckpt and the network.
+    ema: float = 0.0
     optimizer: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
@@ -91,6 +96,8 @@ class LoopConfig:
         loop = cls(**{k: v for k, v in train.items()}, optimizer=OptimConfig(**opt))
         if not 0.0 <= float(loop.validate_from) <= 1.0:
             raise ValueError(f"train.validate_from must be between 0 and 1, got {loop.validate_from}")
+        if not 0.0 <= float(loop.ema) < 1.0:
+            raise ValueError(f"train.ema must be 0 (off) or a per-step decay below 1 such as 0.99, got {loop.ema}")
         return loop
 
 
@@ -298,6 +305,7 @@ class _Start:
     seconds: float = 0.0
     best: Optional[float] = None
     history: list = field(default_factory=list)
+    averaged: Optional[list] = None  # the weight average last.ckpt held (its raw weights are in the network)
 
 
 def _load_start(out: Path, net: Any, optimizer: Any, cfg: LoopConfig, resume: bool) -> _Start:
@@ -306,9 +314,10 @@ def _load_start(out: Path, net: Any, optimizer: Any, cfg: LoopConfig, resume: bo
         params, saved = runtime.load_checkpoint(last_path)
         runtime.load_into(net, params, last_path, strict=True)
         runtime.load_into(optimizer, params, last_path, strict=False)
+        averaged = restore_raw(net, params)
         state = _resume_state(state_path, saved, last_path, out / "log.csv")
         start = _Start(int(state.get("epoch", -1)) + 1, float(state.get("seconds", 0.0)), state.get("best"),
-                       state.get("history", []))
+                       state.get("history", []), averaged)
         log.info("resuming %s at epoch %d/%d", out, start.epoch + 1, cfg.epochs)
         return start
     if resume:
@@ -375,7 +384,12 @@ def train(
     total_steps = max(1, cfg.epochs * cfg.steps_per_epoch)
     budget_s = None if cfg.time_budget_minutes is None else 60.0 * float(cfg.time_budget_minutes)
     steps_done = start_epoch * cfg.steps_per_epoch
+    average = WeightAverage(net, cfg.ema, steps_done, start.averaged) if cfg.ema else None
     t0 = time.time()
+
+    def averaged() -> ContextManager[Optional[list]]:
+        """The network holds the weight average inside (yielding the raw weights), or stays as it is."""
+        return average.applied() if average is not None else nullcontext(None)
 
     def used() -> float:
         """Seconds of training so far; rank 0's clock when a budget must stop all workers together."""
@@ -386,8 +400,11 @@ def train(
         p = steps_done / total_steps
         return max(p, seconds / budget_s) if budget_s else p
 
-    def record(epoch: int, row: dict, metrics: dict, validated: bool) -> None:
-        """Keep one finished epoch: its log row, last.ckpt, best.ckpt when it improved, state.json."""
+    def record(epoch: int, row: dict, metrics: dict, validated: bool, raw: Optional[list]) -> None:
+        """Keep one finished epoch: its log row, last.ckpt, best.ckpt when it improved, state.json.
+
+        With a weight average, the network holds it here and ``raw`` is the weights training goes on
+        from: last.ckpt keeps them beside the average, for resuming."""
         nonlocal best, written
         history.append(row)
         value = row.get(cfg.monitor)
@@ -404,7 +421,8 @@ def train(
             written = True
         if improved:
             runtime.save_checkpoint(best_path, [net], ckpt_meta)
-        runtime.save_checkpoint(last_path, [net, optimizer], ckpt_meta)
+        extra = [RawWeights(average.params, raw)] if average is not None and raw is not None else []
+        runtime.save_checkpoint(last_path, [net, optimizer, *extra], ckpt_meta)
         write_json(state_path, {**loop_state, "history": history, "config": asdict(cfg)})
         _write_log(out / "log.csv", history)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "samples", "lr") and isinstance(v, float))
@@ -416,8 +434,9 @@ def train(
         if budget_s is not None and used() >= budget_s:
             log.info("time budget of %.1f min used up before epoch %d", cfg.time_budget_minutes, epoch + 1)
             if main and history and cfg.monitor not in history[-1]:  # the last epoch is always validated
-                metrics = task.validate(net)
-                record(epoch - 1, {**history.pop(), **{k: float(v) for k, v in metrics.items()}}, metrics, True)
+                with averaged() as raw:
+                    metrics = task.validate(net)
+                    record(epoch - 1, {**history.pop(), **{k: float(v) for k, v in metrics.items()}}, metrics, True, raw)
             break
         rng = np.random.default_rng(data_seed(cfg.seed, epoch))
         runtime.seed_everything(cfg.seed * 1000 + epoch + 7919 * dist.rank())
@@ -436,6 +455,8 @@ def train(
             tensors = [ms.Tensor(np.ascontiguousarray(a)) for a in batch]
             loss = float(step(ms.Tensor(np.float32(lr_now)), *tensors).asnumpy())
             steps_done += 1
+            if average is not None:
+                average.update()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at epoch {epoch + 1} step {i + 1}; lower optimizer.lr")
             losses.append(loss)
@@ -452,17 +473,20 @@ def train(
         validated = epoch + 1 == cfg.epochs or progress(used()) >= cfg.validate_from
         if not main:  # rank 0 validates and writes; the others wait for it at the next step's all-reduce
             continue
-        metrics = task.validate(net) if validated else {}
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "samples": seen,
-            "samples_per_s": seen / train_seconds if train_seconds > 0 else float("nan"),
-            "lr": lr_now,
-            **{k: float(v) for k, v in metrics.items()},
-            "seconds": time.time() - t_epoch,
-        }
-        record(epoch, row, metrics, validated)
+        with averaged() as raw:
+            metrics = task.validate(net) if validated else {}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                "samples": seen,
+                "samples_per_s": seen / train_seconds if train_seconds > 0 else float("nan"),
+                "lr": lr_now,
+                **{k: float(v) for k, v in metrics.items()},
+                "seconds": time.time() - t_epoch,
+            }
+            record(epoch, row, metrics, validated, raw)
+    if average is not None:
+        average.apply_for_good()
     if main and not best_path.exists() and last_path.exists():
         runtime.save_checkpoint(best_path, [net], {**meta, "epoch": len(history)})
     minutes = (elapsed_before + time.time() - t0) / 60

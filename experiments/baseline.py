@@ -78,10 +78,10 @@ def train_unet(cfg: dict, dataset: Dataset, out: PathLike, resume: bool = True, 
 
     setup = build_task(cfg, dataset, progress=progress)
     log.info(
-        "U-Net (%s): %d train / %d val images, %s %s, scale %.2f, %d output channel(s)",
+        "U-Net (%s): %d train / %d val images, %s %s, scale %.2f, %d output channel(s) + %d instance (%s)",
         setup.meta["mode"], len(setup.train_samples), len(setup.val_samples), setup.meta["model"]["name"],
         f"depth {setup.meta['model']['depth']} width {setup.meta['model']['base_width']}", setup.meta["scale"],
-        setup.meta["model"]["out_channels"],
+        setup.meta["model"]["out_channels"], setup.meta["model"]["instance_channels"], setup.meta["instance_head"] or "none",
     )
     return train_and_retune(setup, out, resume, cfg)
 

@@ -166,3 +166,77 @@ def test_onednn_isa_cap_only_on_amd_with_avx512(tmp_path):
     assert onednn_isa_cap(cpuinfo("AuthenticAMD", "fma")) is None
     assert onednn_isa_cap(cpuinfo("GenuineIntel", "avx512f avx512bw")) is None
     assert onednn_isa_cap(tmp_path / "missing") is None
+
+
+def _ema_cfg(epochs: int) -> LoopConfig:
+    from dataclasses import replace
+
+    return replace(_cfg(epochs), ema=0.9)
+
+
+def test_weight_average_follows_the_steps_with_a_warm_started_decay():
+    from cytocore.weight_average import WeightAverage
+
+    ms = runtime.setup(seed=0)
+    import mindspore.nn as nn
+
+    net = nn.Dense(2, 1)
+    average = WeightAverage(net, decay=0.9)
+    start = [p.asnumpy().copy() for p in net.trainable_params()]
+    expected = [s.copy() for s in start]
+    for t, value in enumerate([1.0, 2.0, 4.0]):
+        for p in net.trainable_params():
+            p.set_data(ms.Tensor(np.full(p.shape, value, np.float32)))
+        average.update()
+        d = min(0.9, (1 + t) / (10 + t))  # 0.1, 0.18, 0.25: the first steps' weights fade out quickly
+        expected = [d * e + (1 - d) * value for e in expected]
+    with average.applied() as raw:
+        for p, e in zip(net.trainable_params(), expected):
+            np.testing.assert_allclose(p.asnumpy(), e, rtol=1e-6)
+        assert all(np.all(r == 4.0) for r in raw)
+    assert all(np.all(p.asnumpy() == 4.0) for p in net.trainable_params())  # raw weights back after the block
+
+
+def test_weight_average_is_validated_saved_and_resumed_exactly(tmp_path):
+    full = _task()
+    seen: list[list[np.ndarray]] = []
+    validate = full.validate
+
+    def remember(network):
+        seen.append(_weights(network))
+        return validate(network)
+
+    full.validate = remember
+    result = train(full, _ema_cfg(4), tmp_path / "full")
+    expected = _weights(full.network)
+    # the network ends with the average, which is what was validated last and what last.ckpt holds
+    for a, b in zip(expected, seen[-1]):
+        np.testing.assert_array_equal(a, b)
+    params, _ = runtime.load_checkpoint(result.last_checkpoint)
+    for p in full.network.get_parameters():
+        np.testing.assert_allclose(params[p.name].asnumpy(), p.asnumpy(), rtol=1e-6)
+        assert f"ema_raw.{p.name}" in params
+    plain = _task()
+    train(plain, _cfg(4), tmp_path / "plain")
+    assert any(not np.allclose(a, b) for a, b in zip(expected, _weights(plain.network)))
+
+    first = _task()
+    batches = first.batches
+
+    def killed_in_epoch_3(epoch, rng):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return batches(epoch, rng)
+
+    first.batches = killed_in_epoch_3
+    with pytest.raises(KeyboardInterrupt):
+        train(first, _ema_cfg(4), tmp_path / "cut")
+    second = _task(seed=123)
+    train(second, _ema_cfg(4), tmp_path / "cut", resume=True)
+    for a, b in zip(expected, _weights(second.network)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_must_be_a_decay_below_one():
+    with pytest.raises(ValueError, match="train.ema"):
+        LoopConfig.from_dict({"ema": 1.5})
