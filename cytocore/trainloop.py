@@ -3,7 +3,8 @@
 A stage describes *what* to train as a :class:`TrainTask` (network, loss, batches per epoch,
 validation); this module owns *how*: a compiled (graph-mode) train step, AdamW/Adam with a cosine
 schedule, per-epoch validation (from ``validate_from`` on), an optional average of the weights
-(``ema``), best/last checkpoints, a CSV log, tqdm progress with ETA, a config snapshot, and an exact ``resume`` after the process was killed.
+(``ema``), best/last checkpoints, a CSV log, tqdm progress with ETA, a config snapshot, and an exact
+``resume`` after the process was killed.
 
 Why resume is exact: the optimiser's moments and step counter are saved with the weights in
 ``last.ckpt``; the learning rate is a function of that counter; and each epoch's batches and
@@ -314,7 +315,7 @@ def _load_start(out: Path, net: Any, optimizer: Any, cfg: LoopConfig, resume: bo
         params, saved = runtime.load_checkpoint(last_path)
         runtime.load_into(net, params, last_path, strict=True)
         runtime.load_into(optimizer, params, last_path, strict=False)
-        averaged = restore_raw(net, params)
+        averaged = restore_raw(net, params, last_path)
         state = _resume_state(state_path, saved, last_path, out / "log.csv")
         start = _Start(int(state.get("epoch", -1)) + 1, float(state.get("seconds", 0.0)), state.get("best"),
                        state.get("history", []), averaged)

@@ -6,8 +6,9 @@ held-out balanced accuracy moved between 0.86 and 0.93 over the last ten epochs 
 average of the recent weights sits in the middle of that wobble; it is what mindcv's and timm's
 ``ema`` options keep for the same reason. The average is taken on the host in NumPy after each
 step (a few milliseconds for our networks), so the compiled step stays the same with or without it.
-Weights are swapped in place (``copy_``): ``set_data`` after the step was compiled gives the
-parameter new memory that the compiled step no longer updates (training silently stops).
+Weights are swapped in place (``ops.assign``, as :func:`cytocore.distributed.average_buffers` does):
+``set_data`` after the step was compiled gives the parameter new memory that the compiled step no
+longer updates (training silently stops).
 
 Only trainable weights are averaged; batch-norm statistics are already running averages and are
 taken from the network as they are.
@@ -18,6 +19,9 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 import numpy as np
+
+from . import runtime
+from .errors import CheckpointError
 
 #: Prefix of the raw (not averaged) weights in ``last.ckpt``: training resumes from them.
 RAW_PREFIX = "ema_raw."
@@ -50,9 +54,10 @@ class WeightAverage:
 
     def _set(self, values: list[np.ndarray]) -> None:
         import mindspore as ms
+        import mindspore.ops as ops
 
         for p, v in zip(self.params, values):  # in place: set_data would detach the compiled step from p
-            p.copy_(ms.Tensor(v.astype(p.asnumpy().dtype, copy=False)))
+            ops.assign(p, ms.Tensor(v, dtype=p.dtype))
 
     @contextmanager
     def applied(self) -> Iterator[list[np.ndarray]]:
@@ -69,19 +74,18 @@ class WeightAverage:
         self._set(self.shadow)
 
 
-def restore_raw(network: Any, saved: dict) -> Optional[list[np.ndarray]]:
+def restore_raw(network: Any, saved: dict, path: Any = "<checkpoint>") -> Optional[list[np.ndarray]]:
     """After ``last.ckpt`` was loaded into ``network`` (averaged weights under the network's names), put
     the raw weights saved beside them back; returns the averaged ones, or None if there were no raw ones."""
-    import mindspore as ms
-
-    params = list(network.trainable_params())
-    names = [RAW_PREFIX + p.name for p in params]
-    if not params or not all(n in saved for n in names):
+    raw = {name[len(RAW_PREFIX):]: value for name, value in saved.items() if name.startswith(RAW_PREFIX)}
+    if not raw:
         return None
+    params = list(network.trainable_params())
+    absent = [p.name for p in params if p.name not in raw]
+    if absent:
+        raise CheckpointError(f"{path}: raw weights of the weight average are incomplete (missing {', '.join(absent[:3])})")
     averaged = [p.asnumpy().astype(np.float32, copy=True) for p in params]
-    for p, n in zip(params, names):
-        value = saved[n]
-        p.copy_(ms.Tensor(np.asarray(value.asnumpy() if hasattr(value, "asnumpy") else value, dtype=p.asnumpy().dtype)))
+    runtime.load_into(network, raw, path, strict=False)  # before the step is compiled: set_data is safe here
     return averaged
 
 
