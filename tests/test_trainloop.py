@@ -240,3 +240,15 @@ def test_weight_average_is_validated_saved_and_resumed_exactly(tmp_path):
 def test_ema_must_be_a_decay_below_one():
     with pytest.raises(ValueError, match="train.ema"):
         LoopConfig.from_dict({"ema": 1.5})
+
+
+def test_an_incomplete_weight_average_in_last_ckpt_is_a_clear_error_naming_the_file(tmp_path):
+    from cytocore.errors import CheckpointError
+    from cytocore.weight_average import RAW_PREFIX, restore_raw
+
+    task = _task()
+    first = next(iter(task.network.trainable_params()))
+    saved = {RAW_PREFIX + first.name: first.asnumpy()}  # the other layers' raw weights are gone
+    with pytest.raises(CheckpointError, match=r"last\.ckpt.*incomplete"):
+        restore_raw(task.network, saved, tmp_path / "last.ckpt")
+    assert restore_raw(task.network, {}, tmp_path / "last.ckpt") is None  # a run without ema resumes as before
