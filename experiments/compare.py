@@ -28,7 +28,6 @@ A finished stage trained with a different config is refused rather than silently
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -57,7 +56,8 @@ from .runkit import (
     prepare_data,
     score_system,
 )
-from .stages import DEFAULTS, baseline_stage_config, cls_stage_config, infer_config, run_stage, seg_stage_config
+from .stages import (DEFAULTS, baseline_stage_config, cls_stage_config, freeze_stage_configs, infer_config, run_stage,
+                     seg_stage_config)
 
 log = logging.getLogger("cytofuse")
 
@@ -184,7 +184,7 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     """Run a whole comparison (see the module doc); returns the results dict written to results.json."""
     from . import side_by_side
 
-    cfg = copy.deepcopy(dict(cfg))
+    cfg = freeze_stage_configs(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     import yaml

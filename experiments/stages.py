@@ -59,11 +59,40 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
     return fingerprint(_without(cfg, NOT_FINGERPRINTED))
 
 
-def _section(cfg: Mapping[str, Any], name: str) -> tuple[Optional[Path], dict]:
-    """A stage section: its ``config:`` file (resolved) and the remaining override keys."""
+def _section(cfg: Mapping[str, Any], name: str) -> tuple[Union[None, Path, dict], dict]:
+    """A stage section: its ``config:`` (a file, resolved, or the mapping :func:`freeze_stage_configs`
+    read from it) and the remaining override keys."""
     section = dict(cfg.get(name) or {})
     base = section.pop("config", None)
+    if isinstance(base, Mapping):
+        return copy.deepcopy(dict(base)), section
     return (repo_path(base) if base else None), section
+
+
+def freeze_stage_configs(cfg: Mapping[str, Any]) -> dict:
+    """``cfg`` with every stage's config files read now: each ``seg``/``cls``/``baseline`` section's
+    ``config:`` becomes the mapping it stands for (the stage's defaults ← its file), ``infer`` the full
+    fusion config.
+
+    A comparison runs for 20-60 minutes and starts its stages one after another (side by side: in
+    worker processes that read ``compare_config.yaml``). Reading the YAML files as each stage starts
+    let an edit or a branch switch in the checkout mid-run give one run two versions of its configs,
+    and ``compare_config.yaml`` did not say which ran; frozen at the start, it does.
+    """
+    from classification.train import load_cls_config
+    from fusion.pipeline import load_fusion_config
+    from segmentation.train import load_seg_config
+
+    from .baseline import baseline_config_path
+
+    out = copy.deepcopy(dict(cfg))
+    for name, load in (("seg", load_seg_config), ("cls", load_cls_config)):
+        base, overrides = _section(out, name)
+        out[name] = {"config": base if isinstance(base, dict) else load(base), **overrides}
+    base, overrides = _section(out, "baseline")
+    out["baseline"] = {"config": base if isinstance(base, dict) else read_yaml(base or baseline_config_path()), **overrides}
+    out["infer"] = load_fusion_config(copy.deepcopy(dict(out.get("infer") or {})))
+    return out
 
 
 def seg_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float]) -> dict:
@@ -71,7 +100,7 @@ def seg_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Op
     from segmentation.train import load_seg_config
 
     base, overrides = _section(cfg, "seg")
-    scfg = load_seg_config(base)
+    scfg = base if isinstance(base, dict) else load_seg_config(base)
     if overrides:
         scfg = merge(scfg, overrides, "compare config seg")
     return _common_train_options(scfg, cfg, data_path, budget_minutes)
@@ -89,14 +118,15 @@ def baseline_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minute
     from .baseline import baseline_config_path
 
     base, overrides = _section(cfg, "baseline")
-    bfile = base or baseline_config_path()
+    source = "baseline.config" if isinstance(base, dict) else str(base or baseline_config_path())
     scfg = seg_stage_config(cfg, data_path, budget_minutes)
-    single = {k: v for k, v in read_yaml(bfile).items() if k not in ("model", "out")}
-    bcfg = merge(scfg, single, str(bfile))
+    read = base if isinstance(base, dict) else read_yaml(base or baseline_config_path())
+    single = {k: v for k, v in read.items() if k not in ("model", "out")}
+    bcfg = merge(scfg, single, source)
     if overrides:
         bcfg = merge(bcfg, overrides, "compare config baseline")
     if bcfg["targets"]["mode"] != "classes":
-        raise CytoFuseError(f"{bfile}: the single-stage baseline needs targets.mode: classes, not {bcfg['targets']['mode']!r}")
+        raise CytoFuseError(f"{source}: the single-stage baseline needs targets.mode: classes, not {bcfg['targets']['mode']!r}")
     if epochs is not None:
         bcfg["train"]["epochs"] = int(epochs)
     return _common_train_options(bcfg, cfg, data_path, budget_minutes)
@@ -106,7 +136,7 @@ def cls_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Op
     from classification.train import load_cls_config
 
     base, overrides = _section(cfg, "cls")
-    ccfg = load_cls_config(base)
+    ccfg = base if isinstance(base, dict) else load_cls_config(base)
     if overrides:
         ccfg = merge(ccfg, overrides, "compare config cls")
     ccfg["data"]["split_fractions"] = list(cfg["data"]["split_fractions"])

@@ -76,6 +76,31 @@ def test_stage_configs_share_data_seed_budget_and_the_unet(tmp_path):
         stages.seg_stage_config(cfg, tmp_path, 1.0)
 
 
+def test_stage_configs_are_read_once_when_the_comparison_starts(tmp_path):
+    """Editing a stage's YAML while a comparison runs must not change the stages that start later."""
+    seg_file, base_file = tmp_path / "seg.yaml", tmp_path / "single.yaml"
+    seg_file.write_text("model: {name: unet_tiny}\ntrain: {steps_per_epoch: 5}\n")
+    base_file.write_text("targets: {mode: classes}\ntrain: {steps_per_epoch: 6}\n")
+    cfg = _cfg()
+    cfg["seg"] = {"config": str(seg_file), "train": {"epochs": 3}}
+    cfg["baseline"] = {"config": str(base_file)}
+    cfg["infer"] = {"box_shrink": 0.9}
+    before = (stages.seg_stage_config(cfg, tmp_path, 2.0), stages.baseline_stage_config(cfg, tmp_path, 2.0),
+              stages.cls_stage_config(cfg, tmp_path, 1.0), stages.infer_config(cfg))
+    frozen = stages.freeze_stage_configs(cfg)
+    seg_file.write_text("model: {name: unet_small}\ntrain: {steps_per_epoch: 50}\n")
+    base_file.write_text("targets: {mode: binary}\n")
+    after = (stages.seg_stage_config(frozen, tmp_path, 2.0), stages.baseline_stage_config(frozen, tmp_path, 2.0),
+             stages.cls_stage_config(frozen, tmp_path, 1.0), stages.infer_config(frozen))
+    assert after == before
+    assert after[0]["model"]["name"] == "unet_tiny" and after[0]["train"]["epochs"] == 3
+    assert after[1]["train"]["steps_per_epoch"] == 6 and after[3]["box_shrink"] == 0.9
+    assert stages.freeze_stage_configs(frozen) == frozen  # a worker reading compare_config.yaml changes nothing
+    # Fingerprints match, so a run folder trained before freezing existed is still reused on resume.
+    assert stages.config_hash(after[0]) == stages.config_hash(before[0])
+    assert stages.seg_stage_config(cfg, tmp_path, 2.0)["model"]["name"] == "unet_small"  # unfrozen: reads the file
+
+
 def test_baseline_budget_is_both_stages_minutes():
     cfg = _cfg()
     seg, cls = {"minutes": 2.0, "epochs": 4}, {"minutes": 1.0, "epochs": 3}
