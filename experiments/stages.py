@@ -59,14 +59,26 @@ def config_hash(cfg: Mapping[str, Any]) -> str:
     return fingerprint(_without(cfg, NOT_FINGERPRINTED))
 
 
-def _section(cfg: Mapping[str, Any], name: str) -> tuple[Union[None, Path, dict], dict]:
-    """A stage section: its ``config:`` (a file, resolved, or the mapping :func:`freeze_stage_configs`
-    read from it) and the remaining override keys."""
+def _section(cfg: Mapping[str, Any], name: str, load: Callable[[Optional[Path]], dict],
+             default: Optional[Path] = None) -> tuple[dict, dict, str]:
+    """A stage section as ``(its base config, its override keys, where the base came from)``.
+
+    The base is ``load`` of the section's ``config:`` file (resolved; without one, ``default``), or
+    the mapping :func:`freeze_stage_configs` already read from it.
+    """
     section = dict(cfg.get(name) or {})
     base = section.pop("config", None)
     if isinstance(base, Mapping):
-        return copy.deepcopy(dict(base)), section
-    return (repo_path(base) if base else None), section
+        return copy.deepcopy(dict(base)), section, f"{name}.config"
+    path = repo_path(base) if base else default
+    return load(path), section, str(path) if path else f"{name} defaults"
+
+
+def _baseline_section(cfg: Mapping[str, Any]) -> tuple[dict, dict, str]:
+    """The single-stage sections: ``baseline.config``, else segmentation/configs/baseline.yaml."""
+    from .baseline import baseline_config_path
+
+    return _section(cfg, "baseline", read_yaml, baseline_config_path())
 
 
 def freeze_stage_configs(cfg: Mapping[str, Any]) -> dict:
@@ -83,15 +95,13 @@ def freeze_stage_configs(cfg: Mapping[str, Any]) -> dict:
     from fusion.pipeline import load_fusion_config
     from segmentation.train import load_seg_config
 
-    from .baseline import baseline_config_path
-
     out = copy.deepcopy(dict(cfg))
     for name, load in (("seg", load_seg_config), ("cls", load_cls_config)):
-        base, overrides = _section(out, name)
-        out[name] = {"config": base if isinstance(base, dict) else load(base), **overrides}
-    base, overrides = _section(out, "baseline")
-    out["baseline"] = {"config": base if isinstance(base, dict) else read_yaml(base or baseline_config_path()), **overrides}
-    out["infer"] = load_fusion_config(copy.deepcopy(dict(out.get("infer") or {})))
+        base, overrides, _ = _section(out, name, load)
+        out[name] = {"config": base, **overrides}
+    base, overrides, _ = _baseline_section(out)
+    out["baseline"] = {"config": base, **overrides}
+    out["infer"] = load_fusion_config(dict(out.get("infer") or {}))
     return out
 
 
@@ -99,8 +109,7 @@ def seg_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Op
     """The segmentation stage's config: its defaults ← ``seg.config`` ← ``seg`` overrides ← compare's data, seed, budget."""
     from segmentation.train import load_seg_config
 
-    base, overrides = _section(cfg, "seg")
-    scfg = base if isinstance(base, dict) else load_seg_config(base)
+    scfg, overrides, _ = _section(cfg, "seg", load_seg_config)
     if overrides:
         scfg = merge(scfg, overrides, "compare config seg")
     return _common_train_options(scfg, cfg, data_path, budget_minutes)
@@ -115,12 +124,8 @@ def baseline_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minute
     Taking the architecture from the segmentation stage keeps the comparison about the design
     (one network doing both jobs), not about a wider or deeper U-Net.
     """
-    from .baseline import baseline_config_path
-
-    base, overrides = _section(cfg, "baseline")
-    source = "baseline.config" if isinstance(base, dict) else str(base or baseline_config_path())
+    read, overrides, source = _baseline_section(cfg)
     scfg = seg_stage_config(cfg, data_path, budget_minutes)
-    read = base if isinstance(base, dict) else read_yaml(base or baseline_config_path())
     single = {k: v for k, v in read.items() if k not in ("model", "out")}
     bcfg = merge(scfg, single, source)
     if overrides:
@@ -135,8 +140,7 @@ def baseline_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minute
 def cls_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float]) -> dict:
     from classification.train import load_cls_config
 
-    base, overrides = _section(cfg, "cls")
-    ccfg = base if isinstance(base, dict) else load_cls_config(base)
+    ccfg, overrides, _ = _section(cfg, "cls", load_cls_config)
     if overrides:
         ccfg = merge(ccfg, overrides, "compare config cls")
     ccfg["data"]["split_fractions"] = list(cfg["data"]["split_fractions"])
