@@ -26,13 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished epoch")
     t.add_argument("--proposals", default=None, metavar="CSV",
                    help="instances.csv of `cytofuse seg predict` on the training images: also train on the segmenter's "
-                        "proposals, labelled by IoP match (merged, fragment and unmatched ones as negatives)")
+                        "proposals, labelled by IoP match (or IoU: proposals.match) with merged, fragment and "
+                        "unmatched ones as negatives")
     t.add_argument("--budget-minutes", type=float, default=None, metavar="M",
                    help="training time budget (overrides train.time_budget_minutes; more time, more epochs)")
     t.add_argument("--init-checkpoint", default=None, metavar="PATH",
                    help="start from these weights (e.g. mindcv ImageNet weights); tensors of another shape are skipped")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars (train.progress: false)")
     t.add_argument("--workers", type=int, default=1, metavar="N",
                    help="data-parallel workers on this machine, started with msrun (default 1: one process; "
                         "sampling.batch_size stays the global batch)")
@@ -69,6 +71,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg["data"]["format"] = args.format
     if args.proposals is not None:
         cfg["proposals"]["csv"] = args.proposals
+    if args.no_progress:
+        cfg["train"]["progress"] = False
     if args.budget_minutes is not None:
         cfg["train"]["time_budget_minutes"] = float(args.budget_minutes)
         cfg["train"]["epochs"] = max(int(cfg["train"]["epochs"]), 1000)  # the budget, not the epoch count, ends the run

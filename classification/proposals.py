@@ -12,6 +12,11 @@ proposal is labelled the way the official metric would judge it, with the metric
 - **fragment**: IoP > ``iop`` but it covers less than ``fragment_coverage`` of that cell → negative;
 - **unmatched**: no annotated cell with IoP > ``iop`` → negative.
 
+A data set judged by detection AP at IoU > 0.5 (BCCD) is stricter: a box drawn inside a cell is a false
+positive there, and a classifier that learnt to call half a white cell "white cell" ranks the half as
+high as the whole. ``match: iou`` labels a proposal matched only at IoU > ``iou`` with its cell; a box
+mostly inside a cell (IoP > ``iop``) that misses that is a fragment.
+
 Negatives are all-zero labels ("no class here"), which the sigmoid head learns and the fused score
 then uses to push the segmenter's false positives down the ranking.
 """
@@ -25,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from cytocore.errors import CytoFuseError, DataError
-from cytocore.froc import iop_matrix
+from cytocore.froc import iop_matrix, iou_matrix
 from cytocore.records import Dataset
 
 PathLike = Union[str, Path]
@@ -43,9 +48,13 @@ class ProposalConfig:
     iop: float = 0.5  # the metric's hit test: intersection / proposal area
     merge_coverage: float = 0.5  # a proposal covering more than this of 2+ cells is a merge
     fragment_coverage: float = 0.25  # a hit covering less than this of its cell is a fragment
+    match: str = "iop"  # iop: the challenge's hit test | iou: IoU > ``iou`` (data sets judged by AP50)
+    iou: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("share", "negative_share", "iop", "merge_coverage", "fragment_coverage"):
+        if self.match not in ("iop", "iou"):
+            raise CytoFuseError(f"proposals.match must be iop or iou, not {self.match!r}")
+        for name in ("share", "negative_share", "iop", "merge_coverage", "fragment_coverage", "iou"):
             value = float(getattr(self, name))
             if not 0.0 <= value <= 1.0:
                 raise CytoFuseError(f"proposals.{name} must be in [0, 1], not {value}")
@@ -84,11 +93,17 @@ def label_proposals(
         return labels, kinds.astype(str)
     iop, cover = _overlaps(p, g)
     merged = (cover > cfg.merge_coverage).sum(axis=1) >= 2
-    best = iop.argmax(axis=1)
     rows = np.arange(len(p))
+    best = iop.argmax(axis=1)
     hit = iop[rows, best] > cfg.iop
-    fragment = hit & (cover[rows, best] < cfg.fragment_coverage) & ~merged
-    matched = hit & ~merged & ~fragment
+    if cfg.match == "iou":
+        iou = iou_matrix(p, g)
+        best = iou.argmax(axis=1)
+        matched = (iou[rows, best] > cfg.iou) & ~merged
+        fragment = hit & ~matched & ~merged
+    else:
+        fragment = hit & (cover[rows, best] < cfg.fragment_coverage) & ~merged
+        matched = hit & ~merged & ~fragment
     kinds[merged] = "merged"
     kinds[fragment] = "fragment"
     kinds[matched] = "matched"

@@ -46,7 +46,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     predictions = read_predictions_csv(args.predictions, dataset.class_names)
     metrics = evaluate(
         dataset, predictions, saliency_dir=args.saliency, thresholds=args.thresholds,
-        pooled=args.pooled_auc, split=args.split, predictions_path=args.predictions,
+        pooled=args.pooled_auc, split=args.split, predictions_path=args.predictions, ceiling=True,
     )
     write_json(args.out, metrics)
     print(format_table(metrics))

@@ -40,13 +40,16 @@ def evaluate(
     *,
     split: Optional[str] = None,
     predictions_path: Optional[Union[str, Path]] = None,
+    ceiling: bool = False,
 ) -> dict:
     """All metrics of ``predictions_df`` (challenge columns, coordinates in [0, 1]) on ``dataset``.
 
     With ``split`` only that split's images are evaluated (N = their number) and predictions for the
     data set's other images are dropped; predictions for images the data set does not have at all
     are reported in ``warnings`` and skipped (a :class:`DataError` when that is every row).
-    ``predictions_path`` only names the file in messages.
+    ``predictions_path`` only names the file in messages. With ``ceiling``, ``metrics["ceiling"]`` holds
+    the accuracy and AP50 of the same boxes ranked perfectly (:mod:`cytocore.ranking_ceiling`): what a
+    perfect classifier could reach with them.
     """
     source = str(predictions_path) if predictions_path is not None else "predictions"
     warnings: list[str] = []
@@ -97,6 +100,11 @@ def evaluate(
         [(r.width, r.height) for r in records], gt_image, gt_boxes, gt_labels,
         pred_image, pred_boxes, pred_scores, class_names,
     )
+    if ceiling:
+        from cytocore.ranking_ceiling import ceiling_metrics
+
+        best = ceiling_metrics(pred_image, pred_boxes, pred_scores, gt_image, gt_boxes, gt_labels, class_names,
+                               [(r.width, r.height) for r in records])
     return {
         "froc": froc,
         "accuracy": accuracy,
@@ -112,6 +120,7 @@ def evaluate(
         "froc_curves": curves,
         "explainability": explain,
         "warnings": warnings,
+        **({"ceiling": best} if ceiling else {}),
     }
 
 
@@ -241,4 +250,11 @@ def format_table(metrics: dict) -> str:
         f"explainability AUC: {num(metrics['explainability_auc']).strip()}   "
         f"model score: {num(metrics['model_score']).strip()}"
     )
+    best = metrics.get("ceiling")
+    if best:
+        aps = [v for v in best["ap50"].values() if v is not None]
+        lines.append(
+            f"ranked perfectly (same boxes, a perfect classifier): accuracy {num(best['accuracy']).strip()}   "
+            f"mean AP50 {num(float(np.mean(aps)) if aps else None).strip()}"
+        )
     return "\n".join(lines)

@@ -109,6 +109,19 @@ def per_class_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def ceiling_table(results: dict) -> Optional[str]:
+    """Each system's accuracy and mean AP50 beside the same boxes ranked perfectly (``metrics["ceiling"]``)."""
+    lines = ["| system | accuracy | ranked perfectly | mean AP50 | ranked perfectly |", "|---|---|---|---|---|"]
+    for name, sysres in results["systems"].items():
+        m = sysres.get("metrics", {})
+        best = m.get("ceiling")
+        if not best:
+            continue
+        lines.append(f"| {name} | {_fmt(m.get('accuracy'))} | {_fmt(best.get('accuracy'))} | "
+                     f"{_fmt(_mean(list(m.get('ap50', {}).values())))} | {_fmt(_mean(list(best.get('ap50', {}).values())))} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def plot_froc_curves(results: dict, out_dir: PathLike) -> list[Path]:
     """One PNG per class with every system's FROC curve and the six operating points marked."""
     import matplotlib
@@ -199,6 +212,19 @@ def build_report(results: dict, out_dir: PathLike) -> Path:
         per_class_table(results),
         "",
     ]
+    ceiling = ceiling_table(results)
+    if ceiling:
+        lines += [
+            "## Boxes or ranking?",
+            "",
+            ceiling,
+            "",
+            "\"Ranked perfectly\" scores each system's own boxes as a perfect classifier would: for each class, every "
+            "box that hits a cell of that class (IoP > 0.5 for accuracy, IoU > 0.5 for AP50) above every box that "
+            "does not (cytocore/ranking_ceiling.py). The gap from it to 1 is the boxes' (missed, merged or loose "
+            "cells); the gap from the real figure to it is the ranking's (classifier and fusion).",
+            "",
+        ]
     if curves:
         lines += ["## FROC curves", ""] + [f"![{p.stem}]({p.name})" for p in curves] + [""]
     if overlays:

@@ -189,7 +189,7 @@ def score_system(ds: Dataset, split: str, folder: Path, mask_threshold: float, o
     predictions_path = folder / "predictions.csv"
     predictions = read_predictions_csv(predictions_path, ds.class_names)
     metrics = evaluate(ds, predictions, saliency_dir=folder / "saliency" if with_masks else None, split=split,
-                       predictions_path=predictions_path)
+                       predictions_path=predictions_path, ceiling=True)
     write_json(folder / "metrics.json", metrics)
     images = pd.read_csv(folder / "images.csv", dtype={"image_id": str})
     malignancy = dict(zip(images["image_id"], images["malignancy"].astype(float)))

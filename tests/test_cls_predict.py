@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from classification.crops import CropConfig
 from classification.model import ModelConfig, build_network
@@ -130,7 +131,7 @@ def test_cli_train_with_init_checkpoint_then_resume_finished_run(tmp_path, capsy
     args = ["cls", "train", "--data", str(data), "--out", str(tmp_path / "run"),
             "--set", "model.width_mult=0.25", "--set", "model.depth_mult=0.25", "--set", "crop.size=32",
             "--set", "sampling.batch_size=8", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2",
-            "--set", "train.progress=false"]
+            "--no-progress"]
     runtime.setup(seed=1)
     donor = build_network(ModelConfig(**{**TINY.to_dict(), "name": "efficientnet_b0"}), 5)  # 5 other classes
     runtime.save_checkpoint(tmp_path / "donor.ckpt", [donor])
@@ -138,6 +139,7 @@ def test_cli_train_with_init_checkpoint_then_resume_finished_run(tmp_path, capsy
         assert run(args + ["--init-checkpoint", str(tmp_path / "donor.ckpt")]) == 0
     assert "best val_mean_auc" in capsys.readouterr().out
     assert "skipped 2 with another shape: mlp_head.weight (5, " in caplog.text
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["progress"] is False
     assert run(args) == 2  # refuses to overwrite
     assert "--resume" in capsys.readouterr().err
     assert run(args + ["--resume"]) == 0  # finished run: returns at once

@@ -42,6 +42,25 @@ def test_thresholds_are_the_config_s():
     assert kinds.tolist() == ["unmatched"]  # not a merge any more, and IoP 0.5 with either is not > 0.5
 
 
+def test_iou_matching_makes_a_half_cell_a_fragment_and_a_loose_box_a_miss():
+    proposals = np.array([
+        [1, 1, 19, 21],        # IoU 18*19 / (400 + 360 - 342) = 0.82 with cell 0 -> matched
+        [100, 100, 120, 140],  # half of cell 2: IoP 1, IoU 0.5 (not > 0.5) -> fragment
+        [100, 100, 130, 140],  # three quarters of cell 2: IoU 0.75 -> matched
+        [90, 90, 150, 150],    # cell 2 in a loose box: IoP 0.44, IoU 1600/3600 = 0.44 -> unmatched
+        [0, 0, 40, 20],        # cells 0 and 1 -> merged, as with IoP
+    ], np.float32)
+    labels, kinds = label_proposals(proposals, GT, GT_LABELS, ProposalConfig(match="iou"))
+    assert kinds.tolist() == ["matched", "fragment", "matched", "unmatched", "merged"]
+    np.testing.assert_array_equal(labels[0], GT_LABELS[0])
+    np.testing.assert_array_equal(labels[2], GT_LABELS[2])
+    assert labels[[1, 3, 4]].sum() == 0
+    # the challenge's IoP test calls the half cell a hit: it covers 50% of the cell, above fragment_coverage
+    assert label_proposals(proposals[1:2], GT, GT_LABELS)[1].tolist() == ["matched"]
+    with pytest.raises(Exception, match="proposals.match"):
+        ProposalConfig(match="dice")
+
+
 def test_no_annotations_means_every_proposal_is_negative():
     labels, kinds = label_proposals(np.array([[0, 0, 5, 5]]), np.zeros((0, 4)), np.zeros((0, 3)), num_classes=3)
     assert labels.shape == (1, 3) and labels.sum() == 0 and kinds.tolist() == ["unmatched"]

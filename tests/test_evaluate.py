@@ -163,6 +163,40 @@ def test_ap50_perfect_and_all_wrong():
     assert "tumour" in format_table(res)
 
 
+def test_ceiling_ranks_every_hit_first_by_each_metric_s_own_hit_test():
+    """The same boxes ranked perfectly: misses scored above hits cost the real figure, not the ceiling;
+    a box inside a cell is a hit for the challenge's IoP and a miss for AP50's IoU."""
+    ds = two_class_set()
+    preds = predictions([
+        ("z", [10, 10, 50, 50], 0.9, 0.9),         # nothing there: a false positive, ranked first
+        ("y", [300, 300, 340, 340], 0.95, 0.95),   # nothing there either
+        ("x", [10, 10, 50, 50], 0.1, 0.05),        # tumour cell 0, exactly, scored low
+        ("x", [100, 100, 130, 120], 0.2, 0.3),     # inside cell 1 (a quarter of it): IoP 1, IoU 0.25
+        ("y", [200, 200, 260, 250], 0.05, 0.1),    # the other cell of image y, exactly
+    ])
+    res = evaluate(ds, preds, ceiling=True)
+    best = res["ceiling"]
+    assert res["accuracy"] < 1.0 and res["ap50"]["tumour"] < 0.5
+    assert best["froc"] == {"tumour": 1.0, "other": 1.0} and best["accuracy"] == 1.0
+    assert best["ap50"]["tumour"] == pytest.approx(0.5, abs=0.01)  # cell 1 has no box at IoU > 0.5
+    assert best["ap50"]["other"] == pytest.approx(0.5, abs=0.01)
+    assert "ranked perfectly" in format_table(res)
+    assert "ceiling" not in evaluate(ds, preds)  # only when asked: the fusion fit evaluates hundreds of times
+
+
+def test_oracle_scores_keep_the_system_s_order_inside_hits_and_misses():
+    from cytocore.ranking_ceiling import oracle_scores
+
+    gt_boxes = np.array([[0, 0, 10, 10]], float)
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 9, 9], [50, 50, 60, 60], [0, 0, 10, 10]], float)
+    own = np.array([[0.2], [0.4], [0.9], [1.0]])
+    image = np.array([0, 0, 0, 1])  # the last box is on another image, with no cell
+    scores = oracle_scores(image, boxes, own, np.array([0]), gt_boxes, np.array([[1]]))
+    assert np.argsort(-scores[:, 0]).tolist() == [1, 0, 3, 2]
+    with pytest.raises(ValueError, match="hit test"):
+        oracle_scores(image, boxes, own, np.array([0]), gt_boxes, np.array([[1]]), hit="dice")
+
+
 def _mask_and_saliency(tmp_path: Path, image_id: str, h: int, w: int, seed: int, positive: bool = True):
     rng = np.random.default_rng(seed)
     mask = np.zeros((h, w), np.uint8)

@@ -69,3 +69,14 @@ def test_build_report_writes_everything(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["systems"]["two-stage"]["metrics"]["froc"]["A"] == 0.8
     assert not list(out.glob("*.part*"))
+    assert "Boxes or ranking?" not in text  # no ceiling in these metrics: no section
+
+
+def test_report_shows_each_system_beside_its_perfectly_ranked_boxes(tmp_path):
+    results = _results(tmp_path)
+    results["systems"]["two-stage"]["metrics"]["ceiling"] = {"accuracy": 0.93, "froc": {"A": 1.0, "B": 0.86},
+                                                             "ap50": {"A": 0.71, "B": None}}
+    text = build_report(results, tmp_path / "report").read_text()
+    assert "## Boxes or ranking?" in text
+    assert "| two-stage | 0.500 | 0.930 | 0.500 | 0.710 |" in text
+    assert "| single-stage |" not in text.split("## Boxes or ranking?")[1].split("## ")[0]
