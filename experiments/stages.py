@@ -34,6 +34,10 @@ DEFAULTS = CONFIG_DIR / "compare_defaults.yaml"
 #: Keys left out of a stage's config fingerprint: they change how a run looks, not what it learns.
 NOT_FINGERPRINTED = (("train", "progress"), ("train", "time_budget_minutes"), ("out",))
 
+#: Options added after runs were trained, left out of the fingerprint while at the value that
+#: reproduces the old behaviour: a run folder trained before an option existed stays resumable.
+LATER_OPTIONS = {("proposals", "match"): "iop", ("proposals", "iou"): 0.5}
+
 
 def repo_path(path: PathLike) -> Path:
     """Config paths are relative to the repository root (``../shared/datasets/...``), so a config
@@ -56,7 +60,17 @@ def _without(cfg: Mapping[str, Any], paths: Sequence[tuple[str, ...]]) -> dict:
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
-    return fingerprint(_without(cfg, NOT_FINGERPRINTED))
+    at_old_behaviour = [path for path, value in LATER_OPTIONS.items() if _get(cfg, path) == value]
+    return fingerprint(_without(cfg, NOT_FINGERPRINTED + tuple(at_old_behaviour)))
+
+
+def _get(cfg: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = cfg
+    for key in path:
+        if not isinstance(node, Mapping) or key not in node:
+            return None
+        node = node[key]
+    return node
 
 
 def _section(cfg: Mapping[str, Any], name: str, load: Callable[[Optional[Path]], dict],

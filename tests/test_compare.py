@@ -3,6 +3,7 @@ and the scoring → report wiring on hand-made system outputs whose numbers are 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -99,6 +100,16 @@ def test_stage_configs_are_read_once_when_the_comparison_starts(tmp_path):
     # Fingerprints match, so a run folder trained before freezing existed is still reused on resume.
     assert stages.config_hash(after[0]) == stages.config_hash(before[0])
     assert stages.seg_stage_config(cfg, tmp_path, 2.0)["model"]["name"] == "unet_small"  # unfrozen: reads the file
+
+
+def test_an_option_added_later_keeps_old_runs_resumable_at_its_old_behaviour(tmp_path):
+    cls = stages.cls_stage_config(_cfg(), tmp_path, 1.0)
+    assert cls["proposals"]["match"] == "iop"
+    older = copy.deepcopy(cls)
+    del older["proposals"]["match"], older["proposals"]["iou"]  # a classifier trained before the option
+    assert stages.config_hash(cls) == stages.config_hash(older)
+    cls["proposals"]["match"] = "iou"
+    assert stages.config_hash(cls) != stages.config_hash(older)
 
 
 def test_baseline_budget_is_both_stages_minutes():
