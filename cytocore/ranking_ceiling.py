@@ -16,7 +16,7 @@ limit there, the ranking is.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -25,16 +25,16 @@ from .froc import iop_matrix, iou_matrix
 HIT_TESTS = {"iop": iop_matrix, "iou": iou_matrix}
 
 
-def oracle_scores(
-    pred_image: np.ndarray,
-    pred_boxes: np.ndarray,
-    pred_scores: np.ndarray,
-    gt_image: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    hit: str = "iop",
-    threshold: float = 0.5,
-) -> np.ndarray:
+class Truth(NamedTuple):
+    """The annotations stacked over images (:func:`cytocore.froc.stack_ground_truth`)."""
+
+    image: np.ndarray  # (G,) image index of each cell
+    boxes: np.ndarray  # (G, 4) pixel xyxy
+    labels: np.ndarray  # (G, K) multi-hot
+
+
+def oracle_scores(pred_image: np.ndarray, pred_boxes: np.ndarray, pred_scores: np.ndarray, truth: Truth,
+                  hit: str = "iop", threshold: float = 0.5) -> np.ndarray:
     """``(P, K)`` scores that rank, per class, every box hitting a cell of that class first.
 
     A hit gets ``2 + own score``, a miss its own score clipped to [0, 1], so the system's order
@@ -44,9 +44,9 @@ def oracle_scores(
         raise ValueError(f"hit test must be one of {', '.join(HIT_TESTS)}, not {hit!r}")
     boxes = np.asarray(pred_boxes, np.float64).reshape(-1, 4)
     own = np.clip(np.asarray(pred_scores, np.float64).reshape(len(boxes), -1), 0.0, 1.0)
-    labels = np.asarray(gt_labels).reshape(len(np.asarray(gt_boxes).reshape(-1, 4)), own.shape[1]).astype(bool)
-    gt_boxes = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
-    pred_image, gt_image = np.asarray(pred_image).reshape(-1), np.asarray(gt_image).reshape(-1)
+    gt_boxes = np.asarray(truth.boxes, np.float64).reshape(-1, 4)
+    labels = np.asarray(truth.labels).reshape(len(gt_boxes), own.shape[1]).astype(bool)
+    pred_image, gt_image = np.asarray(pred_image).reshape(-1), np.asarray(truth.image).reshape(-1)
     hits = np.zeros(own.shape, bool)
     for image in np.intersect1d(pred_image, gt_image):
         rows, cells = np.flatnonzero(pred_image == image), np.flatnonzero(gt_image == image)
@@ -55,27 +55,18 @@ def oracle_scores(
     return own + 2.0 * hits
 
 
-def ceiling_metrics(
-    pred_image: np.ndarray,
-    pred_boxes: np.ndarray,
-    pred_scores: np.ndarray,
-    gt_image: np.ndarray,
-    gt_boxes: np.ndarray,
-    gt_labels: np.ndarray,
-    class_names: Sequence[str],
-    image_sizes: Sequence[tuple[int, int]],
-) -> dict:
+def ceiling_metrics(pred_image: np.ndarray, pred_boxes: np.ndarray, pred_scores: np.ndarray, truth: Truth,
+                    class_names: Sequence[str], image_sizes: Sequence[tuple[int, int]]) -> dict:
     """Accuracy (mean FROC at IoP > 0.5) and AP50 per class of the perfectly ranked boxes."""
     from .coco_ap import ap50_per_class
     from .froc import per_class_froc
 
     n_images = len(image_sizes)
-    by_iop = oracle_scores(pred_image, pred_boxes, pred_scores, gt_image, gt_boxes, gt_labels, "iop")
-    frocs = per_class_froc(pred_image, pred_boxes, by_iop, gt_image, gt_boxes, gt_labels, class_names, n_images)
-    by_iou = oracle_scores(pred_image, pred_boxes, pred_scores, gt_image, gt_boxes, gt_labels, "iou")
-    ap50 = ap50_per_class(list(image_sizes), gt_image, gt_boxes, gt_labels, pred_image, pred_boxes, by_iou,
-                          list(class_names))
+    by_iop = oracle_scores(pred_image, pred_boxes, pred_scores, truth, "iop")
+    frocs = per_class_froc(pred_image, pred_boxes, by_iop, *truth, class_names, n_images)
+    by_iou = oracle_scores(pred_image, pred_boxes, pred_scores, truth, "iou")
+    ap50 = ap50_per_class(list(image_sizes), *truth, pred_image, pred_boxes, by_iou, list(class_names))
     return {"accuracy": frocs.accuracy, "froc": frocs.froc, "ap50": ap50}
 
 
-__all__ = ["HIT_TESTS", "oracle_scores", "ceiling_metrics"]
+__all__ = ["HIT_TESTS", "Truth", "oracle_scores", "ceiling_metrics"]

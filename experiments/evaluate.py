@@ -101,9 +101,9 @@ def evaluate(
         pred_image, pred_boxes, pred_scores, class_names,
     )
     if ceiling:
-        from cytocore.ranking_ceiling import ceiling_metrics
+        from cytocore.ranking_ceiling import Truth, ceiling_metrics
 
-        best = ceiling_metrics(pred_image, pred_boxes, pred_scores, gt_image, gt_boxes, gt_labels, class_names,
+        best = ceiling_metrics(pred_image, pred_boxes, pred_scores, Truth(gt_image, gt_boxes, gt_labels), class_names,
                                [(r.width, r.height) for r in records])
     return {
         "froc": froc,

@@ -185,16 +185,17 @@ def test_ceiling_ranks_every_hit_first_by_each_metric_s_own_hit_test():
 
 
 def test_oracle_scores_keep_the_system_s_order_inside_hits_and_misses():
-    from cytocore.ranking_ceiling import oracle_scores
+    from cytocore.ranking_ceiling import Truth, oracle_scores
 
     gt_boxes = np.array([[0, 0, 10, 10]], float)
     boxes = np.array([[0, 0, 10, 10], [1, 1, 9, 9], [50, 50, 60, 60], [0, 0, 10, 10]], float)
     own = np.array([[0.2], [0.4], [0.9], [1.0]])
     image = np.array([0, 0, 0, 1])  # the last box is on another image, with no cell
-    scores = oracle_scores(image, boxes, own, np.array([0]), gt_boxes, np.array([[1]]))
+    truth = Truth(np.array([0]), gt_boxes, np.array([[1]]))
+    scores = oracle_scores(image, boxes, own, truth)
     assert np.argsort(-scores[:, 0]).tolist() == [1, 0, 3, 2]
     with pytest.raises(ValueError, match="hit test"):
-        oracle_scores(image, boxes, own, np.array([0]), gt_boxes, np.array([[1]]), hit="dice")
+        oracle_scores(image, boxes, own, truth, hit="dice")
 
 
 def _mask_and_saliency(tmp_path: Path, image_id: str, h: int, w: int, seed: int, positive: bool = True):
