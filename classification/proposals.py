@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from cytocore.errors import CytoFuseError, DataError
-from cytocore.froc import iop_matrix, iou_matrix
+from cytocore.froc import iop_matrix, iou_from_overlaps
 from cytocore.records import Dataset
 
 PathLike = Union[str, Path]
@@ -97,7 +97,7 @@ def label_proposals(
     best = iop.argmax(axis=1)
     hit = iop[rows, best] > cfg.iop
     if cfg.match == "iou":
-        iou = iou_matrix(p, g)
+        iou = iou_from_overlaps(iop, cover)  # the overlaps above, not computed again
         best = iou.argmax(axis=1)
         matched = (iou[rows, best] > cfg.iou) & ~merged
         fragment = hit & ~matched & ~merged

@@ -51,11 +51,13 @@ def iop_matrix(pred_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
 
 
 def iou_matrix(pred_boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
-    """``(P, G)`` intersection over union: the hit test of detection AP (pycocotools at IoU 0.5).
+    """``(P, G)`` intersection over union: the hit test of detection AP (pycocotools at IoU 0.5)."""
+    return iou_from_overlaps(iop_matrix(pred_boxes, gt_boxes), iop_matrix(gt_boxes, pred_boxes).T)
 
-    From the two IoP matrices: ``1 / IoU = 1 / IoP + 1 / coverage - 1`` for the same intersection.
-    """
-    iop, cover = iop_matrix(pred_boxes, gt_boxes), iop_matrix(gt_boxes, pred_boxes).T
+
+def iou_from_overlaps(iop: np.ndarray, cover: np.ndarray) -> np.ndarray:
+    """IoU from the intersection over each prediction's area and over each cell's area (``(P, G)``
+    both), for callers that hold those already: ``1 / IoU = 1 / IoP + 1 / coverage - 1``."""
     overlap = (iop > 0) & (cover > 0)
     out = np.zeros_like(iop)
     np.divide(iop * cover, iop + cover - iop * cover, out=out, where=overlap)
