@@ -43,7 +43,9 @@ def oracle_scores(pred_image: np.ndarray, pred_boxes: np.ndarray, pred_scores: n
     if hit not in HIT_TESTS:
         raise ValueError(f"hit test must be one of {', '.join(HIT_TESTS)}, not {hit!r}")
     boxes = np.asarray(pred_boxes, np.float64).reshape(-1, 4)
-    own = np.clip(np.asarray(pred_scores, np.float64).reshape(len(boxes), -1), 0.0, 1.0)
+    scores = np.asarray(pred_scores, np.float64)
+    # (P, K) as given: with no boxes at all, -1 could not tell how many classes there are
+    own = np.clip(scores.reshape(len(boxes), scores.shape[-1] if scores.ndim == 2 else -1), 0.0, 1.0)
     gt_boxes = np.asarray(truth.boxes, np.float64).reshape(-1, 4)
     labels = np.asarray(truth.labels).reshape(len(gt_boxes), own.shape[1]).astype(bool)
     pred_image, gt_image = np.asarray(pred_image).reshape(-1), np.asarray(truth.image).reshape(-1)

@@ -84,6 +84,10 @@ def test_empty_predictions():
     assert res["froc"]["tumour"] == 0.0
     assert res["ap50"]["tumour"] == 0.0 and res["ap50"]["other"] is None
     assert res["n_images"] == 3
+    # a system that found nothing (or only healthy images) still gets its ranked-perfectly line
+    ds, preds = worked_example(extra_healthy=1)
+    best = evaluate(ds, preds.iloc[0:0], ceiling=True)["ceiling"]
+    assert best["accuracy"] == 0.0 and best["ap50"]["tumour"] == 0.0
 
 
 def test_unknown_image_id_is_reported_with_file_and_row_and_skipped():
