@@ -5,7 +5,8 @@ lives here: run the pipeline's two networks once over the validation images, kee
 (boxes, seg scores, class probabilities), then score every candidate rule by the challenge's FROC
 through :func:`experiments.evaluate.evaluate`, exactly as ``cytofuse evaluate`` would.
 
-The logistic rule is fitted on candidates labelled by the metric's own hit test (IoP > 0.5 with a
+The logistic rule (and its variants with the image's evidence, ``specimen``, and with the object's
+geometry, ``shape``) is fitted on candidates labelled by the metric's own hit test (IoP > 0.5 with a
 ground-truth box of the class). To compare it fairly with the fixed rules, its FROC is measured
 *cross-fitted*: images are split into folds and each fold is scored by a model fitted on the other
 folds; the parameters written to ``fusion.json`` are then refitted on all validation images. The
@@ -239,10 +240,11 @@ def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequ
 def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: int = 3, l2: float = 1e-2,
                shrinks: Sequence[float] = DEFAULT_SHRINKS, progress: bool = True,
                weights: Sequence[float] = DEFAULT_WEIGHTS, specimen_k: int = 5) -> dict:
-    """Measure every rule's validation FROC, fit the logistic and specimen rules, pick the best rule and
+    """Measure every rule's validation FROC, fit the logistic, specimen and shape rules, pick the best rule and
     shrink, and fit the image-level triage model; only images of ``split`` are ever read."""
     from fusion.pipeline import DetectSettings
-    from fusion.rules import fit_logistic_rule, fit_specimen_rule
+    from fusion.geometry import cell_geometry
+    from fusion.rules import fit_logistic_rule, fit_shape_rule, fit_specimen_rule
 
     names = list(pipeline.class_names)
     if sorted(dataset.class_names) != sorted(names):
@@ -297,12 +299,27 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
                         "description": f"specimen (cell + image evidence, k={specimen_k}, cross-fitted)", **scored})
     final_specimen = fit_specimen_rule(per_image(all_ids), names, specimen_k, l2, hierarchy)
 
+    # Shape rule (cell + its size and border contact): cross-fitted the same way.
+    geometry = {r.image_id: cell_geometry(cands[r.image_id].boxes, cands[r.image_id].object_area, r.width, r.height)
+                for r in records}
+    with_shape = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), geometry[i], targets[i])  # noqa: E731
+                              for i in ids]
+    shape_folds: dict[int, object] = {}
+    if len(records) >= 2:
+        for k in range(n_folds):
+            shape_folds[k] = fit_shape_rule(with_shape([i for i in all_ids if fold[i] != k]), names, l2, hierarchy)
+        scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i: shape_folds[fold[i]], settings))
+        results.append({"rule": "shape", "weight": 0.5,
+                        "description": "shape (cell + its relative size and border contact, cross-fitted)", **scored})
+    final_shape = fit_shape_rule(with_shape(all_ids), names, l2, hierarchy)
+
     ranked = [r for r in results if r["accuracy"] is not None]
     if not ranked:
         raise DataError(f"{dataset.root or 'data set'}: the validation images have no ground-truth boxes; FROC is undefined")
     best = max(ranked, key=lambda r: r["accuracy"])  # first of equals: the simpler rule listed earlier
     fitted = {"logistic": (final_logistic, lambda i: fold_rules[fold[i]]),
-              "specimen": (final_specimen, lambda i: specimen_folds[fold[i]])}
+              "specimen": (final_specimen, lambda i: specimen_folds[fold[i]]),
+              "shape": (final_shape, lambda i: shape_folds[fold[i]])}
     if best["rule"] in fitted:
         best_rule, rule_for = fitted[best["rule"]]  # box shrink below: cross-fitted, as the rule's FROC was
     else:
@@ -324,6 +341,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         "triage": triage.pop("model"),
         "triage_fit": triage,
         "specimen_fit": final_specimen.to_dict(),
+        "shape_fit": final_shape.to_dict(),
         "fusion": best_rule.to_dict(),
         "box_shrink": best_shrink["box_shrink"],
         "selected_by": "official FROC accuracy (mean FROC over classes) on the validation images",

@@ -53,3 +53,28 @@ def normalise_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     scale = np.array([width, height, width, height], np.float64)
     return np.clip(as_boxes(boxes) / scale, 0.0, 1.0)
+
+
+def cell_geometry(boxes: np.ndarray, object_area: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``(N, 2)`` per object: ``log(area / the image's median area)`` (clipped to ±4) and 1.0 when its box
+    touches the image border, else 0.0.
+
+    Why these two: on dense real tissue (MoNuSAC) the confident false positives were mostly slivers
+    (a third of their areas under 60 px against 13 % of true cells) and cells cut by the border, which
+    annotators leave unboxed; the classifier's fixed window cannot tell a sliver from the cell around
+    it. Relative, not absolute, size so that the feature carries over between scales and data sets.
+    The object's pixel count is used where known, else its box's area.
+    """
+    b = as_boxes(boxes)
+    area = np.asarray(object_area, np.float64).reshape(-1)
+    if len(area) != len(b):
+        raise ValueError(f"{len(b)} boxes but {len(area)} object areas")
+    area = np.where(area > 0, area, box_areas(b))
+    out = np.zeros((len(b), 2), np.float64)
+    if not len(b):
+        return out
+    positive = area[area > 0]
+    median = float(np.median(positive)) if len(positive) else 1.0
+    out[:, 0] = np.clip(np.log(np.maximum(area, 1e-6) / median), -4.0, 4.0)
+    out[:, 1] = ((b[:, 0] <= 1.0) | (b[:, 1] <= 1.0) | (b[:, 2] >= width - 1.0) | (b[:, 3] >= height - 1.0)).astype(np.float64)
+    return out

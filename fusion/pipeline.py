@@ -32,7 +32,7 @@ from cytocore.errors import CytoFuseError, DataError
 from cytocore.runfolder import ImageSource, RunReport, folder_sources
 from cytocore.shards import Shard, run_share
 
-from .geometry import box_areas, clip_boxes, shrink_boxes
+from .geometry import box_areas, cell_geometry, clip_boxes, shrink_boxes
 from .nms import class_floors, select_detections
 from .rules import FusionRule, fuse_scores
 from .triage import TriageModel
@@ -177,7 +177,9 @@ def detections_from_candidates(
     reporting choice made for the metric, not a change of which object is which. ``label`` names
     each detection's class, once.
     """
-    fused = fuse_scores(candidates.seg_scores, candidates.cls_probs, rule, class_names)
+    geometry = (cell_geometry(candidates.boxes, candidates.object_area, width, height)
+                if rule.name == "shape" else None)
+    fused = fuse_scores(candidates.seg_scores, candidates.cls_probs, rule, class_names, geometry)
     keep = select_detections(
         candidates.boxes, fused, settings.floors, settings.iou, settings.containment, settings.max_detections
     )

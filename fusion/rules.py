@@ -21,6 +21,10 @@ Rules (``seg`` is the object's segmentation score, ``cls_c`` the classifier's pr
   ambiguous between SCC and AC is pulled towards the type its image shows clearly elsewhere, and a
   lone confident cell in an image without other evidence is pulled down. Fitted on validation
   candidates only, like ``logistic``.
+- ``shape``      the logistic rule plus the object's geometry (:func:`fusion.geometry.cell_geometry`): its
+  size against its image's median object and whether its box touches the image border. Slivers and
+  cells cut by the border look like their neighbours to a classifier that sees a fixed window, but
+  annotators leave them unboxed. Fitted on validation candidates only, like ``logistic``.
 
 Multi-label consistency: SCC and AC are sub-types of NSCLC, so a cell scored SCC 0.8 is at least
 NSCLC 0.8; :func:`apply_hierarchy` lifts parents to the max of their children after fusion.
@@ -32,9 +36,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share", "logistic", "specimen")
+RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share", "logistic", "specimen", "shape")
 #: Rules with fitted per-class parameters (``cytofuse fuse fit``).
-FITTED_RULES = frozenset({"logistic", "specimen"})
+FITTED_RULES = frozenset({"logistic", "specimen", "shape"})
 #: Rules whose ``weight`` matters.
 WEIGHTED_RULES = frozenset({"geometric", "arithmetic"})
 #: The default hierarchy, used when every name in it is in the class list.
@@ -46,6 +50,11 @@ N_FEATURES = 3
 FEATURE_NAMES: tuple[str, ...] = ("logit_seg", "logit_cls", "logit_max_cls")
 #: Features of the specimen rule: the logistic ones plus the image's evidence for the class.
 SPECIMEN_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + ("logit_image_evidence", "log_image_share")
+#: Features of the shape rule: the logistic ones plus the object's geometry (fusion.geometry.cell_geometry).
+SHAPE_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + ("log_relative_area", "touches_border")
+#: Coefficients each fitted rule needs per class.
+FEATURE_COUNTS: dict[str, int] = {"logistic": N_FEATURES, "specimen": len(SPECIMEN_FEATURE_NAMES),
+                                  "shape": len(SHAPE_FEATURE_NAMES)}
 #: Candidates of an image whose scores make up its evidence for a class.
 DEFAULT_SPECIMEN_K = 5
 
@@ -57,7 +66,7 @@ class FusionRule:
     name: str = "geometric"
     weight: float = 0.5
     hierarchy: dict[str, list[str]] = field(default_factory=dict)
-    logistic: Optional[dict[str, dict[str, Any]]] = None  # class -> {"coef": [3 or 5 floats], "intercept": float}
+    logistic: Optional[dict[str, dict[str, Any]]] = None  # class -> {"coef": [FEATURE_COUNTS[name] floats], "intercept": float}
     specimen_k: int = DEFAULT_SPECIMEN_K  # the specimen rule's image evidence: mean of this many top scores
 
     def __post_init__(self) -> None:
@@ -99,7 +108,7 @@ class FusionRule:
                     f"logistic fusion parameters have no entry for class(es) {', '.join(missing)} "
                     f"(they were fitted for {', '.join(logistic)}); refit with `cytofuse fuse fit`"
                 )
-            need = len(SPECIMEN_FEATURE_NAMES) if name == "specimen" else N_FEATURES
+            need = FEATURE_COUNTS.get(name, N_FEATURES)
             for c in class_names:
                 if name in FITTED_RULES and len(logistic[c].get("coef", [])) != need:
                     raise ValueError(f"{name} fusion parameters for {c!r} need {need} coefficients")
@@ -177,8 +186,10 @@ def logistic_features(seg: np.ndarray, cls: np.ndarray) -> np.ndarray:
     return feats
 
 
-def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names: Sequence[str]) -> np.ndarray:
-    """``(N, K)`` fused scores in [0, 1] for ``N`` boxes, hierarchy applied."""
+def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names: Sequence[str],
+                geometry: Optional[np.ndarray] = None) -> np.ndarray:
+    """``(N, K)`` fused scores in [0, 1] for ``N`` boxes, hierarchy applied; ``geometry`` is the boxes'
+    ``(N, 2)`` :func:`fusion.geometry.cell_geometry`, which only the shape rule reads (and needs)."""
     s, c = _check(seg, cls)
     if c.shape[1] != len(class_names):
         raise ValueError(f"classifier gave {c.shape[1]} classes but {len(class_names)} class names were given")
@@ -200,18 +211,35 @@ def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names:
         fused = logistic_scores(s, c, rule.logistic or {}, class_names)
     elif rule.name == "specimen":
         fused = specimen_scores(s, c, rule.logistic or {}, class_names, rule.specimen_k)
+    elif rule.name == "shape":
+        if geometry is None:
+            raise ValueError("the shape fusion rule needs each box's geometry (fusion.geometry.cell_geometry)")
+        fused = feature_scores(shape_features(s, c, geometry), rule.logistic or {}, class_names)
     else:  # unreachable: FusionRule checks the name
         raise ValueError(rule.name)
     return apply_hierarchy(np.clip(fused, 0.0, 1.0), class_names, rule.hierarchy)
 
 
-def logistic_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> np.ndarray:
-    feats = logistic_features(seg, cls)
+def feature_scores(feats: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> np.ndarray:
+    """``(N, K)`` per-class logistic scores of ``(N, K, F)`` features with fitted ``params``."""
     out = np.empty(feats.shape[:2], np.float64)
     for j, name in enumerate(class_names):
         p = params[name]
         out[:, j] = sigmoid(feats[:, j, :] @ np.asarray(p["coef"], np.float64) + float(p["intercept"]))
     return out
+
+
+def logistic_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> np.ndarray:
+    return feature_scores(logistic_features(seg, cls), params, class_names)
+
+
+def shape_features(seg: np.ndarray, cls: np.ndarray, geometry: np.ndarray) -> np.ndarray:
+    """``(N, K, 5)``: the logistic features plus the object's ``(N, 2)`` geometry, the same for every class."""
+    base = logistic_features(seg, cls)
+    g = np.asarray(geometry, np.float64).reshape(-1, 2)
+    if len(g) != len(base):
+        raise ValueError(f"{len(base)} boxes but geometry for {len(g)}")
+    return np.concatenate([base, np.broadcast_to(g[:, None, :], (len(g), base.shape[1], 2))], axis=2)
 
 
 def image_evidence(seg: np.ndarray, cls: np.ndarray, k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
@@ -238,12 +266,7 @@ def specimen_features(seg: np.ndarray, cls: np.ndarray, k: int = DEFAULT_SPECIME
 
 def specimen_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str],
                     k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
-    feats = specimen_features(seg, cls, k)
-    out = np.empty(feats.shape[:2], np.float64)
-    for j, name in enumerate(class_names):
-        p = params[name]
-        out[:, j] = sigmoid(feats[:, j, :] @ np.asarray(p["coef"], np.float64) + float(p["intercept"]))
-    return out
+    return feature_scores(specimen_features(seg, cls, k), params, class_names)
 
 
 def _check(seg: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -314,6 +337,43 @@ def fit_logistic(
     return theta[:d], float(theta[d])
 
 
+def fit_feature_rule(
+    name: str,
+    feats: np.ndarray,
+    targets: np.ndarray,
+    class_names: Sequence[str],
+    l2: float = 1e-2,
+    hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
+    specimen_k: int = DEFAULT_SPECIMEN_K,
+) -> FusionRule:
+    """Fit a per-class logistic rule ``name`` on candidates' ``(N, K, F)`` features and ``(N, K)`` 0/1
+    ``targets`` (hit a ground-truth box of the class).
+
+    The fit is unweighted so the scores stay calibrated probabilities: the hierarchy (NSCLC ≥ SCC)
+    and NMS compare scores *across* classes, which re-balanced weights would distort. A class whose
+    targets are all 0 or all 1 cannot be fitted: it gets a fixed rule that ranks like the geometric
+    mean (equal weights on the seg and class logits, none on the rest) and is marked ``fitted: false``.
+    """
+    x = np.asarray(feats, np.float64)
+    n_feat = FEATURE_COUNTS[name]
+    if x.ndim != 3 or x.shape[1:] != (len(class_names), n_feat):
+        raise ValueError(f"{name} rule: features of shape {x.shape}, expected (N, {len(class_names)}, {n_feat})")
+    t = np.asarray(targets, np.float64).reshape(x.shape[0], -1)
+    if t.shape[1] != len(class_names):
+        raise ValueError(f"targets have {t.shape[1]} classes but {len(class_names)} class names were given")
+    params: dict[str, dict[str, Any]] = {}
+    for j, cname in enumerate(class_names):
+        y = t[:, j]
+        n_pos = int(y.sum())
+        if n_pos == 0 or n_pos == len(y):
+            params[cname] = {"coef": [0.5, 0.5] + [0.0] * (n_feat - 2), "intercept": 0.0, "fitted": False,
+                             "n_pos": n_pos, "n": int(len(y))}
+            continue
+        coef, intercept = fit_logistic(x[:, j, :], y, l2=l2)
+        params[cname] = {"coef": coef.tolist(), "intercept": intercept, "fitted": True, "n_pos": n_pos, "n": int(len(y))}
+    return FusionRule(name=name, weight=0.5, hierarchy=dict(hierarchy or {}), logistic=params, specimen_k=specimen_k)
+
+
 def fit_logistic_rule(
     seg: np.ndarray,
     cls: np.ndarray,
@@ -322,27 +382,14 @@ def fit_logistic_rule(
     l2: float = 1e-2,
     hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> FusionRule:
-    """Fit the per-class logistic rule on candidates with ``(N, K)`` 0/1 ``targets`` (hit a GT box of c).
+    """Fit the per-class logistic rule on candidates with ``(N, K)`` 0/1 ``targets`` (hit a GT box of c)."""
+    return fit_feature_rule("logistic", logistic_features(seg, cls), targets, class_names, l2, hierarchy)
 
-    The fit is unweighted so the scores stay calibrated probabilities: the hierarchy (NSCLC ≥ SCC)
-    and NMS compare scores *across* classes, which re-balanced weights would distort. A class whose
-    targets are all 0 or all 1 cannot be fitted: it gets a fixed rule that ranks like the geometric
-    mean (equal weights on the seg and class logits) and is marked ``fitted: false``.
-    """
-    feats = logistic_features(seg, cls)
-    t = np.asarray(targets, np.float64).reshape(feats.shape[0], -1)
-    if t.shape[1] != len(class_names):
-        raise ValueError(f"targets have {t.shape[1]} classes but {len(class_names)} class names were given")
-    params: dict[str, dict[str, Any]] = {}
-    for j, name in enumerate(class_names):
-        y = t[:, j]
-        n_pos = int(y.sum())
-        if n_pos == 0 or n_pos == len(y):
-            params[name] = {"coef": [0.5, 0.5, 0.0], "intercept": 0.0, "fitted": False, "n_pos": n_pos, "n": int(len(y))}
-            continue
-        coef, intercept = fit_logistic(feats[:, j, :], y, l2=l2)
-        params[name] = {"coef": coef.tolist(), "intercept": intercept, "fitted": True, "n_pos": n_pos, "n": int(len(y))}
-    return FusionRule(name="logistic", weight=0.5, hierarchy=dict(hierarchy or {}), logistic=params)
+
+def _stack_images(feats: list, targets: list, kk: int, n_feat: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate(feats) if feats else np.zeros((0, kk, n_feat))
+    t = np.concatenate([np.asarray(tg, np.float64).reshape(-1, kk) for tg in targets]) if targets else np.zeros((0, kk))
+    return x, t
 
 
 def fit_specimen_rule(
@@ -354,23 +401,23 @@ def fit_specimen_rule(
 ) -> FusionRule:
     """Fit the specimen rule on validation images, each ``(seg (N,), cls (N, K), targets (N, K))``.
 
-    Features are built per image (the image evidence needs all of an image's candidates), then
-    stacked; a class without both outcomes gets the fixed geometric-like rule (``fitted: false``).
+    Features are built per image (the image evidence needs all of an image's candidates), then stacked.
     """
-    n_feat = len(SPECIMEN_FEATURE_NAMES)
-    kk = len(class_names)
-    feats = [specimen_features(s, c, k) for s, c, _ in images if len(np.asarray(s).reshape(-1))]
-    tgts = [np.asarray(t, np.float64).reshape(-1, kk) for s, _, t in images if len(np.asarray(s).reshape(-1))]
-    x = np.concatenate(feats) if feats else np.zeros((0, kk, n_feat))
-    t = np.concatenate(tgts) if tgts else np.zeros((0, kk))
-    params: dict[str, dict[str, Any]] = {}
-    for j, name in enumerate(class_names):
-        y = t[:, j]
-        n_pos = int(y.sum())
-        if n_pos == 0 or n_pos == len(y):
-            params[name] = {"coef": [0.5, 0.5] + [0.0] * (n_feat - 2), "intercept": 0.0, "fitted": False,
-                            "n_pos": n_pos, "n": int(len(y))}
-            continue
-        coef, intercept = fit_logistic(x[:, j, :], y, l2=l2)
-        params[name] = {"coef": coef.tolist(), "intercept": intercept, "fitted": True, "n_pos": n_pos, "n": int(len(y))}
-    return FusionRule(name="specimen", weight=0.5, hierarchy=dict(hierarchy or {}), logistic=params, specimen_k=k)
+    used = [im for im in images if len(np.asarray(im[0]).reshape(-1))]
+    x, t = _stack_images([specimen_features(s, c, k) for s, c, _ in used], [tg for _, _, tg in used],
+                         len(class_names), FEATURE_COUNTS["specimen"])
+    return fit_feature_rule("specimen", x, t, class_names, l2, hierarchy, specimen_k=k)
+
+
+def fit_shape_rule(
+    images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    l2: float = 1e-2,
+    hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
+) -> FusionRule:
+    """Fit the shape rule on validation images, each ``(seg (N,), cls (N, K), geometry (N, 2), targets (N, K))``;
+    geometry is per image because an object's size is measured against its own image's median."""
+    used = [im for im in images if len(np.asarray(im[0]).reshape(-1))]
+    x, t = _stack_images([shape_features(s, c, g) for s, c, g, _ in used], [tg for *_, tg in used],
+                         len(class_names), FEATURE_COUNTS["shape"])
+    return fit_feature_rule("shape", x, t, class_names, l2, hierarchy)
