@@ -82,6 +82,10 @@ def load_compare_config(path: Optional[PathLike] = None, overrides: Iterable[str
         raise CytoFuseError(f"{source}: systems must be a list of {', '.join(SYSTEMS)}, got {cfg['systems']!r}")
     if CLASSIFIER in systems and len(systems) > 1:
         raise CytoFuseError(f"{source}: systems [classifier] is a classifier-only run; do not mix it with detection systems")
+    from .fuse_fit import METRICS
+
+    if cfg["fusion_metric"] not in METRICS:
+        raise CytoFuseError(f"{source}: fusion_metric must be one of {', '.join(METRICS)}, got {cfg['fusion_metric']!r}")
     cfg["systems"] = systems
     return scale_budget(cfg)
 
@@ -276,7 +280,7 @@ def run_two_stage(cfg: Mapping[str, Any], ds: Dataset, data_path: Path, out: Pat
     if cfg["fusion_fit"]:
         phases.start("fit fusion", f"on split {d['val_split']}")
         fusion_file = fit_fusion_file(seg["best_checkpoint"], cls["best_checkpoint"], icfg, ds, d["val_split"],
-                                      out / "fusion.json", progress)
+                                      out / "fusion.json", progress, metric=str(cfg["fusion_metric"]))
     phases.start(f"infer {TWO_STAGE}", f"{len(ds.subset(split=d['test_split']))} test images")
     pipe = Pipeline(seg["best_checkpoint"], cls["best_checkpoint"], icfg, classes=ds.class_names, fusion_file=fusion_file)
     _warn_failed(TWO_STAGE, pipe.run_folder(out / "test_images", out / TWO_STAGE, progress=progress))
@@ -307,9 +311,9 @@ def _warn_failed(system: str, summary: Mapping[str, Any]) -> None:
 
 
 def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Dataset, split: str, path: Path,
-                    progress: bool) -> Path:
+                    progress: bool, metric: str = "accuracy") -> Path:
     """``cytofuse fuse fit`` on the val split, once: later runs reuse ``fusion.json`` while the
-    checkpoints it names are unchanged."""
+    checkpoints it names and the metric it maximised are unchanged."""
     from fusion.pipeline import Pipeline
 
     from .fuse_fit import fit_fusion
@@ -317,14 +321,16 @@ def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Data
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         ck = saved.get("checkpoints") or {}
-        if (ck.get("seg", {}).get("sha256") == sha256_file(seg_ckpt) and ck.get("cls", {}).get("sha256") == sha256_file(cls_ckpt)):
+        if (ck.get("seg", {}).get("sha256") == sha256_file(seg_ckpt) and ck.get("cls", {}).get("sha256") == sha256_file(cls_ckpt)
+                and saved.get("metric", "accuracy") == metric):
             log.info("    reusing %s (%s)", path, saved.get("selected"))
             return path
     pipe = Pipeline(seg_ckpt, cls_ckpt, icfg, classes=ds.class_names)
-    report = fit_fusion(pipe, ds, split=split, progress=progress)
+    report = fit_fusion(pipe, ds, split=split, progress=progress, metric=metric)
     write_json(path, report)
-    log.info("    fusion chosen on %s: %s, box shrink %g (val accuracy %s)", split, report["selected"], report["box_shrink"],
-             "n/a" if report["validation_accuracy"] is None else f"{report['validation_accuracy']:.4f}")
+    value = report["validation_ap50" if metric == "ap50" else "validation_accuracy"]
+    log.info("    fusion chosen on %s by %s: %s, box shrink %g (val %s %s)", split, metric, report["selected"],
+             report["box_shrink"], metric, "n/a" if value is None else f"{value:.4f}")
     return path
 
 

@@ -5,13 +5,17 @@ lives here: run the pipeline's two networks once over the validation images, kee
 (boxes, seg scores, class probabilities), then score every candidate rule by the challenge's FROC
 through :func:`experiments.evaluate.evaluate`, exactly as ``cytofuse evaluate`` would.
 
-The logistic rule (and its variants with the image's evidence, ``specimen``, and with the object's
-geometry, ``shape``) is fitted on candidates labelled by the metric's own hit test (IoP > 0.5 with a
+The logistic rule (and its variants with the image's evidence, ``specimen``, with the object's
+geometry, ``shape``, and with both, ``specimen_shape``) is fitted on candidates labelled by the metric's own hit test (IoP > 0.5 with a
 ground-truth box of the class). To compare it fairly with the fixed rules, its FROC is measured
 *cross-fitted*: images are split into folds and each fold is scored by a model fitted on the other
 folds; the parameters written to ``fusion.json`` are then refitted on all validation images. The
 best rule's box shrink factor is finally chosen from a grid the same way, and everything measured
 goes into ``fusion.json`` for ``cytofuse infer --fusion fusion.json``.
+
+Which figure is maximised is ``metric``: the challenge's accuracy (FROC at IoP > 0.5), or mean AP50
+(pycocotools, IoU > 0.5) for data sets judged by detection AP such as BCCD. With AP50 the fitted rules
+learn from candidates labelled by IoU, so a box that covers half of a cell cluster is no hit.
 """
 from __future__ import annotations
 
@@ -32,6 +36,18 @@ log = logging.getLogger("cytofuse")
 #: Weights tried for the weighted rules.
 DEFAULT_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 0.75)
 DEFAULT_SHRINKS: tuple[float, ...] = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+#: How the report names each fitted rule (``k``: the specimen rules' evidence count).
+FITTED_DESCRIPTIONS: dict[str, str] = {
+    "logistic": "logistic",
+    "specimen": "specimen (cell + image evidence, k={k})",
+    "shape": "shape (cell + its relative size and border contact)",
+    "specimen_shape": "specimen_shape (cell + image evidence, k={k}, + size and border)",
+}
+#: What ``fit_fusion`` can maximise on the validation images, and how each is described in fusion.json.
+METRICS: dict[str, str] = {
+    "accuracy": "official FROC accuracy (mean FROC over classes) on the validation images",
+    "ap50": "mean AP50 (pycocotools, IoU > 0.5) on the validation images",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--config", default=None, metavar="YAML", help="fusion config (floor, NMS, cap... as for infer)")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help="config override (repeatable)")
     f.add_argument("--classes", default=None, metavar="A,B,...", help="class names you expect from the classifier")
+    f.add_argument("--metric", choices=sorted(METRICS), default="accuracy",
+                   help="what to maximise: the challenge's FROC accuracy (IoP > 0.5, default) or mean AP50 (IoU > 0.5)")
     f.add_argument("--folds", type=int, default=3, help="image folds for the cross-fitted logistic rule's FROC (default 3)")
     f.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the logistic rule (default 0.01)")
     f.add_argument("--specimen-k", type=int, default=5,
@@ -82,7 +100,8 @@ def _fit(args: argparse.Namespace) -> int:
     pipeline = Pipeline(args.seg, args.cls, args.config, classes=parse_classes(args.classes), overrides=overrides)
     dataset = load_dataset(args.data, format=args.format, class_names=pipeline.class_names)
     report = fit_fusion(pipeline, dataset, split=None if args.split == "all" else args.split, folds=args.folds,
-                        l2=args.l2, shrinks=shrinks, progress=not args.no_progress, specimen_k=args.specimen_k)
+                        l2=args.l2, shrinks=shrinks, progress=not args.no_progress, specimen_k=args.specimen_k,
+                        metric=args.metric)
     report["data"] = str(args.data)
     write_json(args.out, report)
     print(format_report(report))
@@ -126,15 +145,16 @@ def collect_candidates(pipeline, records: Sequence[ImageRecord], progress: bool 
     return out
 
 
-def candidate_targets(boxes: np.ndarray, record: ImageRecord, n_classes: int) -> np.ndarray:
-    """``(N, K)`` 0/1: candidate hits a class-c ground-truth box by the metric's test (IoP > 0.5)."""
-    from cytocore.froc import IOP_THRESHOLD, iop_matrix
+def candidate_targets(boxes: np.ndarray, record: ImageRecord, n_classes: int, metric: str = "accuracy") -> np.ndarray:
+    """``(N, K)`` 0/1: candidate hits a class-c ground-truth box by the metric's test (IoP > 0.5 for
+    accuracy, IoU > 0.5 for AP50)."""
+    from cytocore.froc import IOP_THRESHOLD, iop_matrix, iou_matrix
 
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     targets = np.zeros((len(boxes), n_classes), np.uint8)
     if not len(boxes) or not record.n_boxes:
         return targets
-    iop = iop_matrix(boxes, record.boxes)
+    iop = (iou_matrix if metric == "ap50" else iop_matrix)(boxes, record.boxes)
     labels = record.labels.reshape(record.n_boxes, n_classes).astype(bool)
     for c in range(n_classes):
         if labels[:, c].any():
@@ -176,13 +196,15 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
 
 
 def froc_of(dataset: Dataset, records: Sequence[ImageRecord], predictions: pd.DataFrame) -> dict:
-    """Official FROC per class and accuracy of ``predictions`` on ``records``."""
+    """Official FROC per class and accuracy, and mean AP50, of ``predictions`` on ``records``."""
     from .evaluate import evaluate
 
     subset = dataset.subset(ids=[r.image_id for r in records])
     with _quiet(log):
         metrics = evaluate(subset, predictions.reset_index(drop=True))
-    return {"accuracy": metrics["accuracy"], "froc": metrics["froc"], "n_predictions": metrics["n_predictions"]}
+    aps = [v for v in metrics["ap50"].values() if v is not None]
+    return {"accuracy": metrics["accuracy"], "froc": metrics["froc"], "ap50": float(np.mean(aps)) if aps else None,
+            "n_predictions": metrics["n_predictions"]}
 
 
 def candidate_rules(class_names: Sequence[str], hierarchy, weights: Sequence[float] = DEFAULT_WEIGHTS) -> list:
@@ -239,13 +261,15 @@ def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequ
 
 def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: int = 3, l2: float = 1e-2,
                shrinks: Sequence[float] = DEFAULT_SHRINKS, progress: bool = True,
-               weights: Sequence[float] = DEFAULT_WEIGHTS, specimen_k: int = 5) -> dict:
-    """Measure every rule's validation FROC, fit the logistic, specimen and shape rules, pick the best rule and
+               weights: Sequence[float] = DEFAULT_WEIGHTS, specimen_k: int = 5, metric: str = "accuracy") -> dict:
+    """Measure every rule's validation FROC, fit the logistic rule and its variants, pick the best rule and
     shrink, and fit the image-level triage model; only images of ``split`` are ever read."""
     from fusion.pipeline import DetectSettings
     from fusion.geometry import cell_geometry
-    from fusion.rules import fit_logistic_rule, fit_shape_rule, fit_specimen_rule
+    from fusion.rules import FITTED, fit_image_rule
 
+    if metric not in METRICS:
+        raise ValueError(f"fusion fit metric must be one of {', '.join(METRICS)}, got {metric!r}")
     names = list(pipeline.class_names)
     if sorted(dataset.class_names) != sorted(names):
         raise DataError(f"{dataset.root or 'data set'}: classes {', '.join(dataset.class_names)} differ from the "
@@ -259,67 +283,38 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     hierarchy = pipeline.rule.hierarchy
     settings = pipeline.settings
     by_id = {r.image_id: r for r in records}
-    targets = {i: candidate_targets(c.boxes, by_id[i], len(names)) for i, c in cands.items()}
+    targets = {i: candidate_targets(c.boxes, by_id[i], len(names), metric) for i, c in cands.items()}
 
     results = []
     for rule in candidate_rules(names, hierarchy, weights):
         scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda _i, r=rule: r, settings))
         results.append({"rule": rule.name, "weight": rule.weight, "description": rule.describe(), **scored})
 
-    # Logistic: cross-fitted FROC, then a final fit on everything.
+    # The fitted rules: each one's figure cross-fitted over image folds, then a final fit on every image.
     all_ids = [r.image_id for r in records]
-    stack = lambda ids: (  # noqa: E731 - tiny local helper
-        np.concatenate([cands[i].seg_scores for i in ids] + [np.zeros(0)]),
-        np.concatenate([cands[i].cls_probs.reshape(-1, len(names)) for i in ids] + [np.zeros((0, len(names)))]),
-        np.concatenate([targets[i] for i in ids] + [np.zeros((0, len(names)), np.uint8)]),
-    )
-    n_folds = max(2, min(int(folds), len(records)))
-    fold = fold_of(records, n_folds)
-    logistic_note = None
-    if len(records) >= 2:
-        fold_rules = {}
-        for k in range(n_folds):
-            seg, cls, tgt = stack([i for i in all_ids if fold[i] != k])
-            fold_rules[k] = fit_logistic_rule(seg, cls, tgt, names, l2=l2, hierarchy=hierarchy)
-        scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i: fold_rules[fold[i]], settings))
-        results.append({"rule": "logistic", "weight": 0.5, "description": f"logistic (cross-fitted, {n_folds} folds)", **scored})
-    else:
-        logistic_note = "too few images to cross-fit the logistic rule; not compared"
-    seg, cls, tgt = stack(all_ids)
-    final_logistic = fit_logistic_rule(seg, cls, tgt, names, l2=l2, hierarchy=hierarchy)
-
-    # Specimen rule (cell + image evidence): cross-fitted the same way, then fitted on every validation image.
-    per_image = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), targets[i]) for i in ids]  # noqa: E731
-    specimen_folds: dict[int, object] = {}
-    if len(records) >= 2:
-        for k in range(n_folds):
-            specimen_folds[k] = fit_specimen_rule(per_image([i for i in all_ids if fold[i] != k]), names, specimen_k, l2, hierarchy)
-        scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i: specimen_folds[fold[i]], settings))
-        results.append({"rule": "specimen", "weight": 0.5,
-                        "description": f"specimen (cell + image evidence, k={specimen_k}, cross-fitted)", **scored})
-    final_specimen = fit_specimen_rule(per_image(all_ids), names, specimen_k, l2, hierarchy)
-
-    # Shape rule (cell + its size and border contact): cross-fitted the same way.
     geometry = {r.image_id: cell_geometry(cands[r.image_id].boxes, cands[r.image_id].object_area, r.width, r.height)
                 for r in records}
-    with_shape = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), geometry[i], targets[i])  # noqa: E731
-                              for i in ids]
-    shape_folds: dict[int, object] = {}
-    if len(records) >= 2:
-        for k in range(n_folds):
-            shape_folds[k] = fit_shape_rule(with_shape([i for i in all_ids if fold[i] != k]), names, l2, hierarchy)
-        scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i: shape_folds[fold[i]], settings))
-        results.append({"rule": "shape", "weight": 0.5,
-                        "description": "shape (cell + its relative size and border contact, cross-fitted)", **scored})
-    final_shape = fit_shape_rule(with_shape(all_ids), names, l2, hierarchy)
+    per_image = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), geometry[i], targets[i])  # noqa: E731
+                             for i in ids]
+    n_folds = max(2, min(int(folds), len(records)))
+    fold = fold_of(records, n_folds)
+    logistic_note = None if len(records) >= 2 else "too few images to cross-fit the fitted rules; not compared"
+    fitted: dict[str, tuple] = {}
+    for name in FITTED:
+        folds_of = {k: fit_image_rule(name, per_image([i for i in all_ids if fold[i] != k]), names, specimen_k, l2, hierarchy)
+                    for k in range(n_folds)} if len(records) >= 2 else {}
+        if folds_of:
+            scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i, f=folds_of: f[fold[i]], settings))
+            results.append({"rule": name, "weight": 0.5,
+                            "description": f"{FITTED_DESCRIPTIONS[name].format(k=specimen_k)} (cross-fitted, {n_folds} folds)",
+                            **scored})
+        final = fit_image_rule(name, per_image(all_ids), names, specimen_k, l2, hierarchy)
+        fitted[name] = (final, lambda i, f=folds_of: f[fold[i]])
 
-    ranked = [r for r in results if r["accuracy"] is not None]
+    ranked = [r for r in results if r[metric] is not None]
     if not ranked:
-        raise DataError(f"{dataset.root or 'data set'}: the validation images have no ground-truth boxes; FROC is undefined")
-    best = max(ranked, key=lambda r: r["accuracy"])  # first of equals: the simpler rule listed earlier
-    fitted = {"logistic": (final_logistic, lambda i: fold_rules[fold[i]]),
-              "specimen": (final_specimen, lambda i: specimen_folds[fold[i]]),
-              "shape": (final_shape, lambda i: shape_folds[fold[i]])}
+        raise DataError(f"{dataset.root or 'data set'}: the validation images have no ground-truth boxes; {metric} is undefined")
+    best = max(ranked, key=lambda r: r[metric])  # first of equals: the simpler rule listed earlier
     if best["rule"] in fitted:
         best_rule, rule_for = fitted[best["rule"]]  # box shrink below: cross-fitted, as the rule's FROC was
     else:
@@ -330,7 +325,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     for s in shrinks:
         trial = DetectSettings(settings.floors, settings.iou, settings.containment, settings.max_detections, float(s))
         shrink_results.append({"box_shrink": float(s), **froc_of(dataset, records, predictions_for(cands, records, names, rule_for, trial))})
-    best_shrink = max(shrink_results, key=lambda r: (r["accuracy"] or -1, -abs(r["box_shrink"] - 1.0)))
+    best_shrink = max(shrink_results, key=lambda r: (r[metric] if r[metric] is not None else -1, -abs(r["box_shrink"] - 1.0)))
 
     shrunk = DetectSettings(settings.floors, settings.iou, settings.containment, settings.max_detections,
                             float(best_shrink["box_shrink"]))
@@ -340,13 +335,16 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     return {
         "triage": triage.pop("model"),
         "triage_fit": triage,
-        "specimen_fit": final_specimen.to_dict(),
-        "shape_fit": final_shape.to_dict(),
+        "specimen_fit": fitted["specimen"][0].to_dict(),
+        "shape_fit": fitted["shape"][0].to_dict(),
+        "specimen_shape_fit": fitted["specimen_shape"][0].to_dict(),
         "fusion": best_rule.to_dict(),
         "box_shrink": best_shrink["box_shrink"],
-        "selected_by": "official FROC accuracy (mean FROC over classes) on the validation images",
+        "metric": metric,
+        "selected_by": METRICS[metric],
         "selected": best["description"],
         "validation_accuracy": best_shrink["accuracy"],
+        "validation_ap50": best_shrink["ap50"],
         "split": split,
         "n_images": len(records),
         "n_candidates": int(sum(len(c) for c in cands.values())),
@@ -355,7 +353,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         "results": results,
         "shrink_results": shrink_results,
         "shrink_rule": best["description"],
-        "logistic_fit": final_logistic.to_dict(),  # kept even when not chosen: copy into "fusion" to use it
+        "logistic_fit": fitted["logistic"][0].to_dict(),  # kept even when not chosen: copy into "fusion" to use it
         "logistic_l2": l2,
         "logistic_folds": n_folds,
         "logistic_note": logistic_note,
@@ -371,14 +369,16 @@ def format_report(report: dict) -> str:
     def num(v: Optional[float]) -> str:
         return "  -   " if v is None else f"{v:.4f}"
 
-    lines = [f"{'rule':<34} {'accuracy':>8}  " + "  ".join(f"{c:>8}" for c in report["classes"])]
+    lines = [f"{'rule':<34} {'accuracy':>8} {'AP50':>8}  " + "  ".join(f"{c:>8}" for c in report["classes"])]
     for r in report["results"]:
-        lines.append(f"{r['description']:<34} {num(r['accuracy']):>8}  " + "  ".join(f"{num(r['froc'].get(c)):>8}" for c in report["classes"]))
+        lines.append(f"{r['description']:<34} {num(r['accuracy']):>8} {num(r.get('ap50')):>8}  "
+                     + "  ".join(f"{num(r['froc'].get(c)):>8}" for c in report["classes"]))
     lines.append(f"box shrink with {report['shrink_rule']}:")
     for r in report["shrink_results"]:
-        lines.append(f"  box_shrink {r['box_shrink']:<5g} accuracy {num(r['accuracy'])}")
-    lines.append(f"chosen: {report['selected']} with box_shrink {report['box_shrink']:g} "
-                 f"(validation accuracy {num(report['validation_accuracy'])}, {report['n_images']} images)")
+        lines.append(f"  box_shrink {r['box_shrink']:<5g} accuracy {num(r['accuracy'])}  AP50 {num(r.get('ap50'))}")
+    lines.append(f"chosen by {report.get('metric', 'accuracy')}: {report['selected']} with box_shrink {report['box_shrink']:g} "
+                 f"(validation accuracy {num(report['validation_accuracy'])}, AP50 {num(report.get('validation_ap50'))}, "
+                 f"{report['n_images']} images)")
     tri = report.get("triage_fit") or {}
     if tri.get("roc_auc_cross_fitted") is not None:
         lines.append(f"image triage ROC AUC on validation: calibrated model {tri['roc_auc_cross_fitted']:.4f} (cross-fitted), "

@@ -272,7 +272,8 @@ def report_notes(results: Mapping[str, Any], runs: Mapping[str, dict], systems: 
         notes.append(f"Data: {ds['n_problems']} annotation problem(s) skipped while reading (first: {ds['problems'][0]}).")
     if TWO_STAGE in systems:
         fusion = results["systems"][TWO_STAGE].get("fusion")
-        how = "chosen on val by `cytofuse fuse fit`" if cfg.get("fusion_fit") else "from the config, not tuned"
+        how = (f"chosen on val by `cytofuse fuse fit` for {cfg.get('fusion_metric') or 'accuracy'}" if cfg.get("fusion_fit")
+               else "from the config, not tuned")
         notes.append(f"Two-stage fusion rule: {fusion} ({how}).")
     if SINGLE_STAGE in systems:
         notes.append("Single-stage: the segmentation stage's U-Net with K+1 outputs (class-index targets); a box's class "

@@ -34,7 +34,7 @@ from cytocore.shards import Shard, run_share
 
 from .geometry import box_areas, cell_geometry, clip_boxes, shrink_boxes
 from .nms import class_floors, select_detections
-from .rules import FusionRule, fuse_scores
+from .rules import SHAPE_RULES, FusionRule, fuse_scores
 from .triage import TriageModel
 
 log = logging.getLogger("cytofuse")
@@ -178,7 +178,7 @@ def detections_from_candidates(
     each detection's class, once.
     """
     geometry = (cell_geometry(candidates.boxes, candidates.object_area, width, height)
-                if rule.name == "shape" else None)
+                if rule.name in SHAPE_RULES else None)
     fused = fuse_scores(candidates.seg_scores, candidates.cls_probs, rule, class_names, geometry)
     keep = select_detections(
         candidates.boxes, fused, settings.floors, settings.iou, settings.containment, settings.max_detections

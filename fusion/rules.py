@@ -25,6 +25,7 @@ Rules (``seg`` is the object's segmentation score, ``cls_c`` the classifier's pr
   size against its image's median object and whether its box touches the image border. Slivers and
   cells cut by the border look like their neighbours to a classifier that sees a fixed window, but
   annotators leave them unboxed. Fitted on validation candidates only, like ``logistic``.
+- ``specimen_shape`` both: the specimen rule's features and the shape rule's geometry.
 
 Multi-label consistency: SCC and AC are sub-types of NSCLC, so a cell scored SCC 0.8 is at least
 NSCLC 0.8; :func:`apply_hierarchy` lifts parents to the max of their children after fusion.
@@ -36,9 +37,13 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share", "logistic", "specimen", "shape")
-#: Rules with fitted per-class parameters (``cytofuse fuse fit``).
-FITTED_RULES = frozenset({"logistic", "specimen", "shape"})
+#: Rules with fitted per-class parameters (``cytofuse fuse fit``), in the order it compares them.
+FITTED: tuple[str, ...] = ("logistic", "specimen", "shape", "specimen_shape")
+RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share") + FITTED
+FITTED_RULES = frozenset(FITTED)
+#: Fitted rules that read the image's evidence (``specimen_k``) and the object's geometry.
+IMAGE_RULES = frozenset({"specimen", "specimen_shape"})
+SHAPE_RULES = frozenset({"shape", "specimen_shape"})
 #: Rules whose ``weight`` matters.
 WEIGHTED_RULES = frozenset({"geometric", "arithmetic"})
 #: The default hierarchy, used when every name in it is in the class list.
@@ -54,7 +59,7 @@ SPECIMEN_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + ("logit_image_evidence
 SHAPE_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + ("log_relative_area", "touches_border")
 #: Coefficients each fitted rule needs per class.
 FEATURE_COUNTS: dict[str, int] = {"logistic": N_FEATURES, "specimen": len(SPECIMEN_FEATURE_NAMES),
-                                  "shape": len(SHAPE_FEATURE_NAMES)}
+                                  "shape": len(SHAPE_FEATURE_NAMES), "specimen_shape": len(SPECIMEN_FEATURE_NAMES) + 2}
 #: Candidates of an image whose scores make up its evidence for a class.
 DEFAULT_SPECIMEN_K = 5
 
@@ -83,7 +88,7 @@ class FusionRule:
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"rule": self.name, "weight": self.weight, "hierarchy": {k: list(v) for k, v in self.hierarchy.items()}}
-        if self.name == "specimen":
+        if self.name in IMAGE_RULES:
             out["specimen_k"] = self.specimen_k
         if self.logistic is not None:
             out["logistic"] = {
@@ -189,7 +194,7 @@ def logistic_features(seg: np.ndarray, cls: np.ndarray) -> np.ndarray:
 def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names: Sequence[str],
                 geometry: Optional[np.ndarray] = None) -> np.ndarray:
     """``(N, K)`` fused scores in [0, 1] for ``N`` boxes, hierarchy applied; ``geometry`` is the boxes'
-    ``(N, 2)`` :func:`fusion.geometry.cell_geometry`, which only the shape rule reads (and needs)."""
+    ``(N, 2)`` :func:`fusion.geometry.cell_geometry`, which only the shape rules read (and need)."""
     s, c = _check(seg, cls)
     if c.shape[1] != len(class_names):
         raise ValueError(f"classifier gave {c.shape[1]} classes but {len(class_names)} class names were given")
@@ -207,14 +212,8 @@ def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names:
         total = c.sum(axis=1, keepdims=True)
         share = np.divide(c, total, out=np.full_like(c, 1.0 / max(c.shape[1], 1)), where=total > 0)
         fused = col * share
-    elif rule.name == "logistic":
-        fused = logistic_scores(s, c, rule.logistic or {}, class_names)
-    elif rule.name == "specimen":
-        fused = specimen_scores(s, c, rule.logistic or {}, class_names, rule.specimen_k)
-    elif rule.name == "shape":
-        if geometry is None:
-            raise ValueError("the shape fusion rule needs each box's geometry (fusion.geometry.cell_geometry)")
-        fused = feature_scores(shape_features(s, c, geometry), rule.logistic or {}, class_names)
+    elif rule.name in FITTED_RULES:
+        fused = feature_scores(fitted_features(rule.name, s, c, geometry, rule.specimen_k), rule.logistic or {}, class_names)
     else:  # unreachable: FusionRule checks the name
         raise ValueError(rule.name)
     return apply_hierarchy(np.clip(fused, 0.0, 1.0), class_names, rule.hierarchy)
@@ -229,13 +228,16 @@ def feature_scores(feats: np.ndarray, params: Mapping[str, Mapping[str, Any]], c
     return out
 
 
-def logistic_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]) -> np.ndarray:
-    return feature_scores(logistic_features(seg, cls), params, class_names)
-
-
-def shape_features(seg: np.ndarray, cls: np.ndarray, geometry: np.ndarray) -> np.ndarray:
-    """``(N, K, 5)``: the logistic features plus the object's ``(N, 2)`` geometry, the same for every class."""
-    base = logistic_features(seg, cls)
+def fitted_features(name: str, seg: np.ndarray, cls: np.ndarray, geometry: Optional[np.ndarray] = None,
+                    k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
+    """``(N, K, F)`` features of the fitted rule ``name`` for one image's candidates."""
+    if name not in FITTED_RULES:
+        raise ValueError(f"{name!r} is not a fitted fusion rule")
+    base = specimen_features(seg, cls, k) if name in IMAGE_RULES else logistic_features(seg, cls)
+    if name not in SHAPE_RULES:
+        return base
+    if geometry is None:
+        raise ValueError(f"the {name} fusion rule needs each box's geometry (fusion.geometry.cell_geometry)")
     g = np.asarray(geometry, np.float64).reshape(-1, 2)
     if len(g) != len(base):
         raise ValueError(f"{len(base)} boxes but geometry for {len(g)}")
@@ -262,11 +264,6 @@ def specimen_features(seg: np.ndarray, cls: np.ndarray, k: int = DEFAULT_SPECIME
     share = e / e.sum() if e.sum() > 0 else np.full_like(e, 1.0 / max(len(e), 1))
     image = np.stack([logit(e), np.log(np.clip(share, EPS, 1.0))], axis=1)  # (K, 2)
     return np.concatenate([base, np.broadcast_to(image, (len(s),) + image.shape)], axis=2)
-
-
-def specimen_scores(seg: np.ndarray, cls: np.ndarray, params: Mapping[str, Mapping[str, Any]], class_names: Sequence[str],
-                    k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
-    return feature_scores(specimen_features(seg, cls, k), params, class_names)
 
 
 def _check(seg: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -386,10 +383,23 @@ def fit_logistic_rule(
     return fit_feature_rule("logistic", logistic_features(seg, cls), targets, class_names, l2, hierarchy)
 
 
-def _stack_images(feats: list, targets: list, kk: int, n_feat: int) -> tuple[np.ndarray, np.ndarray]:
-    x = np.concatenate(feats) if feats else np.zeros((0, kk, n_feat))
-    t = np.concatenate([np.asarray(tg, np.float64).reshape(-1, kk) for tg in targets]) if targets else np.zeros((0, kk))
-    return x, t
+def fit_image_rule(
+    name: str,
+    images: Sequence[tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]],
+    class_names: Sequence[str],
+    k: int = DEFAULT_SPECIMEN_K,
+    l2: float = 1e-2,
+    hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
+) -> FusionRule:
+    """Fit the fitted rule ``name`` on validation images, each ``(seg (N,), cls (N, K), geometry (N, 2)
+    or None, targets (N, K))``. Features are built per image (an image's evidence and its median object
+    need all of its candidates), then stacked."""
+    kk = len(class_names)
+    used = [im for im in images if len(np.asarray(im[0]).reshape(-1))]
+    feats = [fitted_features(name, s, c, g, k) for s, c, g, _ in used]
+    x = np.concatenate(feats) if feats else np.zeros((0, kk, FEATURE_COUNTS[name]))
+    t = np.concatenate([np.asarray(tg, np.float64).reshape(-1, kk) for *_, tg in used]) if used else np.zeros((0, kk))
+    return fit_feature_rule(name, x, t, class_names, l2, hierarchy, specimen_k=k)
 
 
 def fit_specimen_rule(
@@ -399,25 +409,5 @@ def fit_specimen_rule(
     l2: float = 1e-2,
     hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> FusionRule:
-    """Fit the specimen rule on validation images, each ``(seg (N,), cls (N, K), targets (N, K))``.
-
-    Features are built per image (the image evidence needs all of an image's candidates), then stacked.
-    """
-    used = [im for im in images if len(np.asarray(im[0]).reshape(-1))]
-    x, t = _stack_images([specimen_features(s, c, k) for s, c, _ in used], [tg for _, _, tg in used],
-                         len(class_names), FEATURE_COUNTS["specimen"])
-    return fit_feature_rule("specimen", x, t, class_names, l2, hierarchy, specimen_k=k)
-
-
-def fit_shape_rule(
-    images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
-    class_names: Sequence[str],
-    l2: float = 1e-2,
-    hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
-) -> FusionRule:
-    """Fit the shape rule on validation images, each ``(seg (N,), cls (N, K), geometry (N, 2), targets (N, K))``;
-    geometry is per image because an object's size is measured against its own image's median."""
-    used = [im for im in images if len(np.asarray(im[0]).reshape(-1))]
-    x, t = _stack_images([shape_features(s, c, g) for s, c, g, _ in used], [tg for *_, tg in used],
-                         len(class_names), FEATURE_COUNTS["shape"])
-    return fit_feature_rule("shape", x, t, class_names, l2, hierarchy)
+    """The specimen rule on images ``(seg, cls, targets)``: :func:`fit_image_rule` without geometry."""
+    return fit_image_rule("specimen", [(s, c, None, t) for s, c, t in images], class_names, k, l2, hierarchy)

@@ -42,6 +42,9 @@ def test_config_rejects_unknown_keys_and_systems(tmp_path):
     bad.write_text("systems: [classifier, single-stage]\n")
     with pytest.raises(CytoFuseError, match="classifier-only"):
         cmp.load_compare_config(bad)
+    bad.write_text("fusion_metric: map\n")
+    with pytest.raises(CytoFuseError, match="fusion_metric must be one of accuracy, ap50"):
+        cmp.load_compare_config(bad)
 
 
 def test_config_paths_are_relative_to_the_repo():

@@ -84,6 +84,26 @@ def test_candidate_targets_use_the_metric_hit_test():
     # inside box 1 → class 0; big box IoP 400/900 < 0.5 → miss; half inside box 2 → IoP 225/1225 miss; far → miss
     assert t.tolist() == [[1, 0], [0, 0], [0, 0], [0, 0]]
     assert candidate_targets(cand, ImageRecord("h", "h.png", 100, 100), 2).sum() == 0
+    # Judged by AP50 a hit needs IoU > 0.5: the box inside cell 1 (IoU 256/400) still is one, a sliver is not.
+    sliver = np.array([[12, 12, 28, 28], [10, 10, 30, 18]], float)
+    assert candidate_targets(sliver, rec, 2).tolist() == [[1, 0], [1, 0]]
+    assert candidate_targets(sliver, rec, 2, metric="ap50").tolist() == [[1, 0], [0, 0]]
+
+
+def test_fit_fusion_can_maximise_ap50(tmp_path):
+    from experiments.fuse_fit import fit_fusion, format_report
+
+    ds = _dataset(tmp_path)
+    report = fit_fusion(FakePipeline(ds), ds, split="val", folds=3, shrinks=(0.5, 1.0), progress=False, metric="ap50")
+    assert report["metric"] == "ap50" and "AP50" in report["selected_by"]
+    best = max(r["ap50"] for r in report["results"])
+    assert next(r for r in report["results"] if r["description"] == report["selected"])["ap50"] == best
+    # Halved boxes lose every IoU > 0.5 hit, so AP50 keeps the segmented extent.
+    shrunk = {r["box_shrink"]: r["ap50"] for r in report["shrink_results"]}
+    assert shrunk[1.0] > shrunk[0.5] and report["box_shrink"] == 1.0
+    assert report["validation_ap50"] == shrunk[1.0] and "chosen by ap50:" in format_report(report)
+    with pytest.raises(ValueError, match="metric"):
+        fit_fusion(FakePipeline(ds), ds, split="val", progress=False, metric="map")
 
 
 def test_fit_fusion_picks_a_rule_using_both_stages(tmp_path):
@@ -111,7 +131,7 @@ def test_fit_fusion_picks_a_rule_using_both_stages(tmp_path):
     cfg = load_fusion_config(None, (), path)
     assert FusionRule.from_config(cfg["fusion"], NAMES).name == report["fusion"]["rule"]
     assert cfg["box_shrink"] == report["box_shrink"]
-    assert "chosen:" in format_report(report)
+    assert "chosen by accuracy:" in format_report(report) and report["metric"] == "accuracy"
 
 
 def test_logistic_parameters_from_fit_are_usable(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fusion.geometry import cell_geometry
-from fusion.rules import FusionRule, fit_logistic_rule, fit_shape_rule, fuse_scores
+from fusion.rules import FusionRule, fit_image_rule, fit_logistic_rule, fuse_scores
 from tests.test_fusion_fit import FakePipeline, _dataset
 
 TWO = ["SCC", "AC"]
@@ -41,7 +41,7 @@ def _image(rng, n_cells: int = 12, n_slivers: int = 6, n_cut: int = 4, size: int
 
 def test_shape_rule_ranks_slivers_and_cut_cells_below_whole_cells():
     rng = np.random.default_rng(0)
-    rule = fit_shape_rule([_image(rng) for _ in range(15)], TWO)
+    rule = fit_image_rule("shape", [_image(rng) for _ in range(15)], TWO)
     assert rule.name == "shape" and rule.logistic["SCC"]["fitted"] and len(rule.logistic["SCC"]["coef"]) == 5
     seg, cls, geometry, targets = _image(np.random.default_rng(1))
     fused = fuse_scores(seg, cls, rule, TWO, geometry)
@@ -68,5 +68,18 @@ def test_fit_fusion_cross_fits_the_shape_rule_on_validation_rows_only(tmp_path):
     val = [r for r in ds.records if r.split == "val"]
     n_val_rows = sum(r.n_boxes + 4 for r in val)  # each image: its cells + 4 debris candidates
     assert {p["n"] for p in report["shape_fit"]["logistic"].values()} == {n_val_rows}
-    shape = [r for r in report["results"] if r["rule"] == "shape"]
-    assert len(shape) == 1 and "cross-fitted" in shape[0]["description"] and shape[0]["accuracy"] is not None
+    assert {p["n"] for p in report["specimen_shape_fit"]["logistic"].values()} == {n_val_rows}
+    for name in ("shape", "specimen_shape"):
+        rows = [r for r in report["results"] if r["rule"] == name]
+        assert len(rows) == 1 and "cross-fitted" in rows[0]["description"] and rows[0]["accuracy"] is not None
+
+
+def test_specimen_shape_rule_reads_both_the_image_evidence_and_the_geometry():
+    rng = np.random.default_rng(0)
+    rule = fit_image_rule("specimen_shape", [_image(rng) for _ in range(15)], TWO, k=3)
+    assert len(rule.logistic["SCC"]["coef"]) == 7 and rule.to_dict()["specimen_k"] == 3
+    seg, cls, geometry, targets = _image(np.random.default_rng(1))
+    fused = fuse_scores(seg, cls, rule, TWO, geometry)
+    assert fused[targets[:, 0] == 1, 0].min() > fused[targets[:, 0] == 0, 0].max()
+    with pytest.raises(ValueError, match="geometry"):
+        fuse_scores(seg, cls, rule, TWO)
