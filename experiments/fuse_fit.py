@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
@@ -36,6 +37,8 @@ log = logging.getLogger("cytofuse")
 #: Weights tried for the weighted rules.
 DEFAULT_WEIGHTS: tuple[float, ...] = (0.25, 0.5, 0.75)
 DEFAULT_SHRINKS: tuple[float, ...] = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+#: A fold model fitted on fewer positives of a class than this is not on the other folds' scale for it.
+MIN_FOLD_POSITIVES = 20
 #: How the report names each fitted rule (``k``: the specimen rules' evidence count).
 FITTED_DESCRIPTIONS: dict[str, str] = {
     "logistic": "logistic",
@@ -163,10 +166,32 @@ def candidate_targets(boxes: np.ndarray, record: ImageRecord, n_classes: int, me
 
 
 def fold_of(records: Sequence[ImageRecord], folds: int, seed: int = 0) -> dict[str, int]:
-    """A fixed random fold per image (images, not candidates, so one image never sits on both sides)."""
+    """A fixed fold per image (images, not candidates, so one image never sits on both sides), with the
+    images of each class spread over the folds, rarest class first.
+
+    Cross-fitting scores each fold by a model fitted on the others; when the only two images with
+    macrophages share a fold, that fold's model has never seen one and its scores for them sit on
+    another scale than the other folds' (MoNuSAC val: macrophage FROC 0.46 or 0.0 by the luck of the
+    draw). Spreading them leaves every fold's training part a positive of each class that has two
+    images or more.
+    """
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(records))
-    return {records[i].image_id: int(k % folds) for k, i in enumerate(order)}
+    present = [set(np.flatnonzero(r.labels.reshape(r.n_boxes, -1).any(axis=0)).tolist()) if r.n_boxes else set()
+               for r in records]
+    images_with = {c: sum(c in p for p in present) for p in present for c in p}
+    rarity = [min((images_with[c] for c in p), default=len(records) + 1) for p in present]
+    order = sorted(rng.permutation(len(records)), key=lambda i: rarity[i])  # stable: random among equals
+    per_class = np.zeros((folds, 1 + max(images_with, default=0)), np.int64)
+    sizes = np.zeros(folds, np.int64)
+    out: dict[str, int] = {}
+    for i in order:
+        cost = [(sum(per_class[f, c] for c in present[i]), sizes[f], rng.random()) for f in range(folds)]
+        f = min(range(folds), key=lambda j: cost[j])
+        out[records[i].image_id] = f
+        sizes[f] += 1
+        for c in present[i]:
+            per_class[f, c] += 1
+    return out
 
 
 def predictions_for(cands: Mapping, records: Sequence[ImageRecord], class_names: Sequence[str],
@@ -204,7 +229,30 @@ def froc_of(dataset: Dataset, records: Sequence[ImageRecord], predictions: pd.Da
         metrics = evaluate(subset, predictions.reset_index(drop=True))
     aps = [v for v in metrics["ap50"].values() if v is not None]
     return {"accuracy": metrics["accuracy"], "froc": metrics["froc"], "ap50": float(np.mean(aps)) if aps else None,
-            "n_predictions": metrics["n_predictions"]}
+            "ap50_per_class": metrics["ap50"], "n_predictions": metrics["n_predictions"]}
+
+
+def judged_classes(targets: Mapping[str, np.ndarray], fold: Mapping[str, int], n_folds: int, names: Sequence[str],
+                   min_positives: int = MIN_FOLD_POSITIVES) -> list[str]:
+    """The classes cross-fitting can judge: every fold's training part holds ``min_positives`` of them.
+
+    For the others the fitted rules' cross-fitted figure is the fallback's (:func:`same_scale_folds`),
+    which says nothing about the fitted model itself, so rules are compared on these classes only.
+    """
+    counts = np.zeros((n_folds, len(names)), np.int64)
+    for i, t in targets.items():
+        counts[fold[i]] += np.asarray(t, np.int64).reshape(-1, len(names)).sum(axis=0)
+    training = counts.sum(axis=0)[None, :] - counts
+    return [c for j, c in enumerate(names) if training[:, j].min() >= min_positives]
+
+
+def selection_score(result: Mapping, metric: str, judged: Sequence[str]) -> Optional[float]:
+    """The figure rules are ranked by: ``metric`` over the judged classes (all classes when none is)."""
+    if not judged:
+        return result[metric]
+    per_class = result["froc"] if metric == "accuracy" else result["ap50_per_class"]
+    values = [per_class.get(c) for c in judged if per_class.get(c) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def candidate_rules(class_names: Sequence[str], hierarchy, weights: Sequence[float] = DEFAULT_WEIGHTS) -> list:
@@ -218,6 +266,30 @@ def candidate_rules(class_names: Sequence[str], hierarchy, weights: Sequence[flo
         for w in (weights if name in WEIGHTED_RULES else (0.5,)):
             rules.append(FusionRule(name=name, weight=w, hierarchy=dict(hierarchy)))
     return rules
+
+
+def same_scale_folds(fold_rules: dict, min_positives: int = MIN_FOLD_POSITIVES) -> dict:
+    """The fold models with one scale per class: a class that some fold could not fit, or fitted on fewer
+    than ``min_positives`` candidates (one image holds 593 of the val split's lymphocytes and another 7),
+    gets the unfitted fallback (ranks like the geometric mean of seg and class scores) in every fold.
+
+    Cross-fitted scores of all folds are ranked together; one fold's fallback scores beside the other
+    folds' calibrated probabilities would put that fold's cells wherever the two scales happen to
+    meet, not where their evidence does (MoNuSAC val: lymphocyte FROC 0.0 for every fitted rule).
+    """
+    weak = {c for rule in fold_rules.values() for c, p in (rule.logistic or {}).items()
+            if not p.get("fitted", True) or int(p.get("n_pos") or 0) < min_positives}
+    if not weak:
+        return fold_rules
+    out = {}
+    for k, rule in fold_rules.items():
+        params = dict(rule.logistic or {})
+        for c in weak:
+            n_feat = len(params[c]["coef"])
+            params[c] = {"coef": [0.5, 0.5] + [0.0] * (n_feat - 2), "intercept": 0.0, "fitted": False,
+                         "n_pos": params[c].get("n_pos"), "n": params[c].get("n")}
+        out[k] = replace(rule, logistic=params)
+    return out
 
 
 def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequence[str], rule_for: Callable,
@@ -301,8 +373,9 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     logistic_note = None if len(records) >= 2 else "too few images to cross-fit the fitted rules; not compared"
     fitted: dict[str, tuple] = {}
     for name in FITTED:
-        folds_of = {k: fit_image_rule(name, per_image([i for i in all_ids if fold[i] != k]), names, specimen_k, l2, hierarchy)
-                    for k in range(n_folds)} if len(records) >= 2 else {}
+        folds_of = same_scale_folds({k: fit_image_rule(name, per_image([i for i in all_ids if fold[i] != k]), names,
+                                                       specimen_k, l2, hierarchy)
+                                     for k in range(n_folds)} if len(records) >= 2 else {})
         if folds_of:
             scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i, f=folds_of: f[fold[i]], settings))
             results.append({"rule": name, "weight": 0.5,
@@ -311,10 +384,14 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         final = fit_image_rule(name, per_image(all_ids), names, specimen_k, l2, hierarchy)
         fitted[name] = (final, lambda i, f=folds_of: f[fold[i]])
 
-    ranked = [r for r in results if r[metric] is not None]
+    judged = judged_classes(targets, fold, n_folds, names) if len(records) >= 2 else list(names)
+    judged = judged if len(judged) < len(names) else []  # all judged: the metric itself
+    for r in results:
+        r["selection_score"] = selection_score(r, metric, judged)
+    ranked = [r for r in results if r["selection_score"] is not None]
     if not ranked:
         raise DataError(f"{dataset.root or 'data set'}: the validation images have no ground-truth boxes; {metric} is undefined")
-    best = max(ranked, key=lambda r: r[metric])  # first of equals: the simpler rule listed earlier
+    best = max(ranked, key=lambda r: r["selection_score"])  # first of equals: the simpler rule listed earlier
     if best["rule"] in fitted:
         best_rule, rule_for = fitted[best["rule"]]  # box shrink below: cross-fitted, as the rule's FROC was
     else:
@@ -325,7 +402,10 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     for s in shrinks:
         trial = DetectSettings(settings.floors, settings.iou, settings.containment, settings.max_detections, float(s))
         shrink_results.append({"box_shrink": float(s), **froc_of(dataset, records, predictions_for(cands, records, names, rule_for, trial))})
-    best_shrink = max(shrink_results, key=lambda r: (r[metric] if r[metric] is not None else -1, -abs(r["box_shrink"] - 1.0)))
+    for r in shrink_results:
+        r["selection_score"] = selection_score(r, metric, judged)
+    best_shrink = max(shrink_results, key=lambda r: (r["selection_score"] if r["selection_score"] is not None else -1,
+                                                     -abs(r["box_shrink"] - 1.0)))
 
     shrunk = DetectSettings(settings.floors, settings.iou, settings.containment, settings.max_detections,
                             float(best_shrink["box_shrink"]))
@@ -341,7 +421,8 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         "fusion": best_rule.to_dict(),
         "box_shrink": best_shrink["box_shrink"],
         "metric": metric,
-        "selected_by": METRICS[metric],
+        "selected_by": METRICS[metric] + (f", over the classes cross-fitting can judge ({', '.join(judged)})" if judged else ""),
+        "judged_classes": judged or list(names),
         "selected": best["description"],
         "validation_accuracy": best_shrink["accuracy"],
         "validation_ap50": best_shrink["ap50"],

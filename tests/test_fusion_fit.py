@@ -165,3 +165,53 @@ def test_fuse_fit_command_registers_and_parses():
     args = parser.parse_args(["fuse", "fit", "--seg", "s.ckpt", "--cls", "c.ckpt", "--data", "d", "--out", "f.json",
                               "--shrink", "0.8,0.9", "--folds", "4"])
     assert args.handler.__name__ == "_fit" and args.split == "val" and args.folds == 4 and args.shrink == "0.8,0.9"
+
+
+def test_cross_fitted_folds_share_one_scale_per_class():
+    from experiments.fuse_fit import same_scale_folds
+    from fusion.rules import fit_logistic_rule
+
+    rng = np.random.default_rng(0)
+    seg, cls = rng.uniform(0.1, 0.9, 40), rng.uniform(0.1, 0.9, (40, 2))
+    both = (cls > 0.5).astype(np.uint8)
+    only_first = both.copy()
+    only_first[:, 1] = 0  # this fold saw no positive of the second class: it cannot fit it
+    folds = {0: fit_logistic_rule(seg, cls, both, ["A", "B"]), 1: fit_logistic_rule(seg, cls, only_first, ["A", "B"])}
+    assert folds[0].logistic["B"]["fitted"] and not folds[1].logistic["B"]["fitted"]
+    same = same_scale_folds(folds, min_positives=1)
+    assert same[0].logistic["B"]["coef"] == same[1].logistic["B"]["coef"] == folds[1].logistic["B"]["coef"]
+    assert same[0].logistic["A"] == folds[0].logistic["A"]  # fitted everywhere: untouched
+    assert same_scale_folds({0: folds[0]}, min_positives=1) == {0: folds[0]}
+    # A class fitted on too few positives in some fold is no more on the others' scale than an unfitted one.
+    few = int(both[:, 0].sum())
+    weak = same_scale_folds(folds, min_positives=few + 1)
+    assert not weak[0].logistic["A"]["fitted"] and weak[0].logistic["A"]["coef"] == [0.5, 0.5, 0.0]
+
+
+def test_rules_are_compared_on_the_classes_cross_fitting_can_judge():
+    from experiments.fuse_fit import judged_classes, selection_score
+
+    targets = {"a": np.array([[1, 0], [1, 0]]), "b": np.array([[1, 1], [1, 0]]), "c": np.array([[1, 0]])}
+    fold = {"a": 0, "b": 1, "c": 2}
+    # class 0: every fold trains on >= 2 positives; class 1 sits in one image only
+    assert judged_classes(targets, fold, 3, ["X", "Y"], min_positives=2) == ["X"]
+    result = {"accuracy": 0.5, "froc": {"X": 0.2, "Y": 0.8}, "ap50": 0.4, "ap50_per_class": {"X": 0.3, "Y": 0.5}}
+    assert selection_score(result, "accuracy", ["X"]) == 0.2 and selection_score(result, "ap50", ["X"]) == 0.3
+    assert selection_score(result, "accuracy", []) == 0.5
+
+
+def test_folds_spread_each_class_s_images():
+    from experiments.fuse_fit import fold_of
+
+    def rec(i, classes):
+        labels = np.zeros((1, 3), np.uint8)
+        labels[0, classes] = 1
+        return ImageRecord(f"i{i}", f"i{i}.png", 50, 50, boxes=[[1, 1, 9, 9]], labels=labels)
+
+    # Two images each hold a rare class; the rest only the common one; one healthy image.
+    records = [rec(0, [1]), rec(1, [1]), rec(2, [2]), rec(3, [2])] + [rec(i, [0]) for i in range(4, 9)]
+    records.append(ImageRecord("h", "h.png", 50, 50))
+    for seed in range(5):
+        fold = fold_of(records, 3, seed=seed)
+        assert fold["i0"] != fold["i1"] and fold["i2"] != fold["i3"]
+        assert sorted(np.bincount(list(fold.values()), minlength=3)) == [3, 3, 4]
