@@ -165,6 +165,11 @@ def test_fuse_fit_command_registers_and_parses():
     args = parser.parse_args(["fuse", "fit", "--seg", "s.ckpt", "--cls", "c.ckpt", "--data", "d", "--out", "f.json",
                               "--shrink", "0.8,0.9", "--folds", "4"])
     assert args.handler.__name__ == "_fit" and args.split == "val" and args.folds == 4 and args.shrink == "0.8,0.9"
+    assert args.metric == "accuracy"
+    assert parser.parse_args(["fuse", "fit", "--seg", "s", "--cls", "c", "--data", "d", "--out", "f",
+                              "--metric", "ap50"]).metric == "ap50"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["fuse", "fit", "--seg", "s", "--cls", "c", "--data", "d", "--out", "f", "--metric", "map"])
 
 
 def test_cross_fitted_folds_share_one_scale_per_class():
