@@ -281,13 +281,13 @@ def same_scale_folds(fold_rules: dict, min_positives: int = MIN_FOLD_POSITIVES) 
             if not p.get("fitted", True) or int(p.get("n_pos") or 0) < min_positives}
     if not weak:
         return fold_rules
+    from fusion.rules import unfitted_params
+
     out = {}
     for k, rule in fold_rules.items():
         params = dict(rule.logistic or {})
         for c in weak:
-            n_feat = len(params[c]["coef"])
-            params[c] = {"coef": [0.5, 0.5] + [0.0] * (n_feat - 2), "intercept": 0.0, "fitted": False,
-                         "n_pos": params[c].get("n_pos"), "n": params[c].get("n")}
+            params[c] = unfitted_params(len(params[c]["coef"]), params[c].get("n_pos"), params[c].get("n"))
         out[k] = replace(rule, logistic=params)
     return out
 

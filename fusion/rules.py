@@ -55,11 +55,14 @@ N_FEATURES = 3
 FEATURE_NAMES: tuple[str, ...] = ("logit_seg", "logit_cls", "logit_max_cls")
 #: Features of the specimen rule: the logistic ones plus the image's evidence for the class.
 SPECIMEN_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + ("logit_image_evidence", "log_image_share")
-#: Features of the shape rule: the logistic ones plus the object's geometry (fusion.geometry.cell_geometry).
-SHAPE_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + ("log_relative_area", "touches_border")
+#: The object's geometry (fusion.geometry.cell_geometry), which the shape rules add to their features.
+GEOMETRY_FEATURE_NAMES: tuple[str, ...] = ("log_relative_area", "touches_border")
+#: Features of the shape rule: the logistic ones plus the object's geometry.
+SHAPE_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + GEOMETRY_FEATURE_NAMES
 #: Coefficients each fitted rule needs per class.
 FEATURE_COUNTS: dict[str, int] = {"logistic": N_FEATURES, "specimen": len(SPECIMEN_FEATURE_NAMES),
-                                  "shape": len(SHAPE_FEATURE_NAMES), "specimen_shape": len(SPECIMEN_FEATURE_NAMES) + 2}
+                                  "shape": len(SHAPE_FEATURE_NAMES),
+                                  "specimen_shape": len(SPECIMEN_FEATURE_NAMES) + len(GEOMETRY_FEATURE_NAMES)}
 #: Candidates of an image whose scores make up its evidence for a class.
 DEFAULT_SPECIMEN_K = 5
 
@@ -238,10 +241,11 @@ def fitted_features(name: str, seg: np.ndarray, cls: np.ndarray, geometry: Optio
         return base
     if geometry is None:
         raise ValueError(f"the {name} fusion rule needs each box's geometry (fusion.geometry.cell_geometry)")
-    g = np.asarray(geometry, np.float64).reshape(-1, 2)
+    width = len(GEOMETRY_FEATURE_NAMES)
+    g = np.asarray(geometry, np.float64).reshape(-1, width)
     if len(g) != len(base):
         raise ValueError(f"{len(base)} boxes but geometry for {len(g)}")
-    return np.concatenate([base, np.broadcast_to(g[:, None, :], (len(g), base.shape[1], 2))], axis=2)
+    return np.concatenate([base, np.broadcast_to(g[:, None, :], (len(g), base.shape[1], width))], axis=2)
 
 
 def image_evidence(seg: np.ndarray, cls: np.ndarray, k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
@@ -363,12 +367,17 @@ def fit_feature_rule(
         y = t[:, j]
         n_pos = int(y.sum())
         if n_pos == 0 or n_pos == len(y):
-            params[cname] = {"coef": [0.5, 0.5] + [0.0] * (n_feat - 2), "intercept": 0.0, "fitted": False,
-                             "n_pos": n_pos, "n": int(len(y))}
+            params[cname] = unfitted_params(n_feat, n_pos, int(len(y)))
             continue
         coef, intercept = fit_logistic(x[:, j, :], y, l2=l2)
         params[cname] = {"coef": coef.tolist(), "intercept": intercept, "fitted": True, "n_pos": n_pos, "n": int(len(y))}
     return FusionRule(name=name, weight=0.5, hierarchy=dict(hierarchy or {}), logistic=params, specimen_k=specimen_k)
+
+
+def unfitted_params(n_features: int, n_pos: Optional[int], n: Optional[int]) -> dict[str, Any]:
+    """One class's parameters when it cannot be fitted (or, cross-fitting, not trusted): equal weights on
+    the seg and class logits, none on the other features, so it ranks like the geometric mean."""
+    return {"coef": [0.5, 0.5] + [0.0] * (n_features - 2), "intercept": 0.0, "fitted": False, "n_pos": n_pos, "n": n}
 
 
 def fit_logistic_rule(
