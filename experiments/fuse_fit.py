@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from dataclasses import replace
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Collection, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -268,17 +268,17 @@ def candidate_rules(class_names: Sequence[str], hierarchy, weights: Sequence[flo
     return rules
 
 
-def same_scale_folds(fold_rules: dict, min_positives: int = MIN_FOLD_POSITIVES) -> dict:
-    """The fold models with one scale per class: a class that some fold could not fit, or fitted on fewer
-    than ``min_positives`` candidates (one image holds 593 of the val split's lymphocytes and another 7),
-    gets the unfitted fallback (ranks like the geometric mean of seg and class scores) in every fold.
+def same_scale_folds(fold_rules: dict, weak: Collection[str] = ()) -> dict:
+    """The fold models with one scale per class: a class that some fold could not fit, or that is ``weak``
+    (some fold trains on fewer than ``MIN_FOLD_POSITIVES`` of it, :func:`judged_classes`; one image holds
+    593 of the val split's lymphocytes and another 7), gets the unfitted fallback (ranks like the
+    geometric mean of seg and class scores) in every fold.
 
     Cross-fitted scores of all folds are ranked together; one fold's fallback scores beside the other
     folds' calibrated probabilities would put that fold's cells wherever the two scales happen to
     meet, not where their evidence does (MoNuSAC val: lymphocyte FROC 0.0 for every fitted rule).
     """
-    weak = {c for rule in fold_rules.values() for c, p in (rule.logistic or {}).items()
-            if not p.get("fitted", True) or int(p.get("n_pos") or 0) < min_positives}
+    weak = set(weak) | {c for rule in fold_rules.values() for c, p in (rule.logistic or {}).items() if not p.get("fitted", True)}
     if not weak:
         return fold_rules
     from fusion.rules import unfitted_params
@@ -371,11 +371,13 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     n_folds = max(2, min(int(folds), len(records)))
     fold = fold_of(records, n_folds)
     logistic_note = None if len(records) >= 2 else "too few images to cross-fit the fitted rules; not compared"
+    judgeable = judged_classes(targets, fold, n_folds, names) if len(records) >= 2 else list(names)
+    weak = [c for c in names if c not in judgeable]
     fitted: dict[str, tuple] = {}
     for name in FITTED:
         folds_of = same_scale_folds({k: fit_image_rule(name, per_image([i for i in all_ids if fold[i] != k]), names,
                                                        specimen_k, l2, hierarchy)
-                                     for k in range(n_folds)} if len(records) >= 2 else {})
+                                     for k in range(n_folds)} if len(records) >= 2 else {}, weak)
         if folds_of:
             scored = froc_of(dataset, records, predictions_for(cands, records, names, lambda i, f=folds_of: f[fold[i]], settings))
             results.append({"rule": name, "weight": 0.5,
@@ -384,8 +386,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         final = fit_image_rule(name, per_image(all_ids), names, specimen_k, l2, hierarchy)
         fitted[name] = (final, lambda i, f=folds_of: f[fold[i]])
 
-    judged = judged_classes(targets, fold, n_folds, names) if len(records) >= 2 else list(names)
-    judged = judged if len(judged) < len(names) else []  # all judged: the metric itself
+    judged = judgeable if weak else []  # all judged: the metric itself
     for r in results:
         r["selection_score"] = selection_score(r, metric, judged)
     ranked = [r for r in results if r["selection_score"] is not None]

@@ -183,13 +183,12 @@ def test_cross_fitted_folds_share_one_scale_per_class():
     only_first[:, 1] = 0  # this fold saw no positive of the second class: it cannot fit it
     folds = {0: fit_logistic_rule(seg, cls, both, ["A", "B"]), 1: fit_logistic_rule(seg, cls, only_first, ["A", "B"])}
     assert folds[0].logistic["B"]["fitted"] and not folds[1].logistic["B"]["fitted"]
-    same = same_scale_folds(folds, min_positives=1)
+    same = same_scale_folds(folds)
     assert same[0].logistic["B"]["coef"] == same[1].logistic["B"]["coef"] == folds[1].logistic["B"]["coef"]
     assert same[0].logistic["A"] == folds[0].logistic["A"]  # fitted everywhere: untouched
-    assert same_scale_folds({0: folds[0]}, min_positives=1) == {0: folds[0]}
+    assert same_scale_folds({0: folds[0]}) == {0: folds[0]}
     # A class fitted on too few positives in some fold is no more on the others' scale than an unfitted one.
-    few = int(both[:, 0].sum())
-    weak = same_scale_folds(folds, min_positives=few + 1)
+    weak = same_scale_folds(folds, weak={"A"})
     assert not weak[0].logistic["A"]["fitted"] and weak[0].logistic["A"]["coef"] == [0.5, 0.5, 0.0]
 
 
