@@ -195,17 +195,54 @@ def _read_done(folder: Path) -> Optional[dict]:
         return None
 
 
+def portable(cfg: Any, root: Path) -> Any:
+    """``cfg`` with every path inside the run folder ``root`` written relative to it (``<run>/...``).
+
+    A stage's config names files the run itself made (the proposals table the classifier learns
+    from); with absolute paths in its fingerprint a run folder moved or copied elsewhere would refuse
+    to reuse its own finished stages.
+    """
+    if isinstance(cfg, Mapping):
+        return {key: portable(value, root) for key, value in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [portable(value, root) for value in cfg]
+    if isinstance(cfg, str):
+        prefix = str(root).rstrip("/\\") + os.sep
+        if cfg.startswith(prefix):
+            return "<run>/" + Path(cfg[len(prefix):]).as_posix()
+    return cfg
+
+
+def _stage_checkpoints(done: dict, folder: Path) -> dict:
+    """``done`` with its checkpoints found in ``folder`` when the run folder was moved or copied.
+
+    ``done.json`` records absolute paths (for people reading it); the checkpoints are written beside
+    it, so a file of that name in the folder is the one (an old location that still exists may hold
+    another run's files by now).
+    """
+    out = dict(done)
+    for key in ("best_checkpoint", "last_checkpoint"):
+        recorded = out.get(key)
+        if recorded and (folder / Path(recorded).name).is_file():
+            out[key] = str(folder / Path(recorded).name)
+    return out
+
+
 def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any]) -> dict:
     """Train one stage, or reuse it when ``done.json`` says it finished with this config.
 
-    A run without ``done.json`` (killed mid-way) is resumed from its ``last.ckpt`` by the loop.
+    A run without ``done.json`` (killed mid-way) is resumed from its ``last.ckpt`` by the loop. The
+    fingerprint sees paths inside the run folder relative to it (:func:`portable`), so a finished
+    run folder can be moved; one written before that (absolute paths) is still recognised.
     """
     from .baseline import images_seen
 
-    digest = config_hash(stage_cfg)
+    digest = config_hash(portable(stage_cfg, folder.parent))
     done = _read_done(folder)
+    if done is not None:
+        done = _stage_checkpoints(done, folder)
     if done is not None and Path(done.get("best_checkpoint", "")).is_file():
-        if done.get("config_hash") != digest:
+        if done.get("config_hash") not in (digest, config_hash(stage_cfg)):
             raise CytoFuseError(
                 f"{folder}: this {name} stage was trained with another config (fingerprint {done.get('config_hash')} "
                 f"!= {digest}); delete {folder} to retrain it, or use another --out"

@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -210,6 +211,37 @@ def test_finished_stage_is_reused_and_a_changed_config_refused(tmp_path):
     other = {**cfg, "model": {"depth": 4}}
     with pytest.raises(CytoFuseError, match="another config"):
         stages.run_stage("segmentation", folder, other, must_not_train)
+
+
+def test_a_moved_run_folder_reuses_its_own_stages(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    folder = run / "cls"
+    folder.mkdir(parents=True)
+    (folder / "best.ckpt").write_bytes(b"weights")
+    cfg = {"train": {"monitor": "val_auc", "time_budget_minutes": 3, "epochs": 4},
+           "proposals": {"csv": str(run / "proposals" / "instances.csv")}}
+
+    def trained():
+        return SimpleNamespace(best_checkpoint=folder / "best.ckpt", last_checkpoint=folder / "best.ckpt",
+                               minutes=1.0, history=[], best_value=0.5)
+
+    stages.run_stage("classifier", folder, cfg, trained)
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, moved)
+    (folder / "best.ckpt").write_bytes(b"another run's weights")  # the old place lives on, changed
+
+    def must_not_train():
+        raise AssertionError("a moved run folder trained its finished stage again")
+
+    moved_cfg = {**cfg, "proposals": {"csv": str(moved / "proposals" / "instances.csv")}}
+    done = stages.run_stage("classifier", moved / "cls", moved_cfg, must_not_train)
+    assert Path(done["best_checkpoint"]) == moved / "cls" / "best.ckpt"
+    # a path outside the run folder is still part of what the stage learned from
+    elsewhere = {**cfg, "proposals": {"csv": str(tmp_path / "other.csv")}}
+    with pytest.raises(CytoFuseError, match="another config"):
+        stages.run_stage("classifier", moved / "cls", elsewhere, must_not_train)
 
 
 # --------------------------------------------------------------------------------------------- scoring

@@ -186,3 +186,54 @@ def test_config_errors():
         postprocess_config({"threshhold": 0.4})
     with pytest.raises(CytoFuseError, match="markers"):
         postprocess_config({"markers": "random"})
+
+
+# ------------------------------------------------------------------------------ several hypotheses
+
+def _two_touching_and_one_apart():
+    shape = (100, 200)
+    mask = disc(shape, 50, 45, 16) | disc(shape, 50, 72, 16) | disc(shape, 50, 150, 16)
+    return mask.astype(np.float32)
+
+
+def test_hypotheses_add_the_merged_reading_of_a_cluster_as_an_extra_box():
+    prob = _two_touching_and_one_apart()
+    labels = np.zeros(prob.shape, np.int32)
+    main = find_instances(prob, {"markers": "peak_local_max", "min_distance": 7})
+    both = find_instances(prob, {"markers": "peak_local_max", "min_distance": 7,
+                                 "hypotheses": [{"split": "none"}]}, labels_out=labels)
+    assert len(main) == 3
+    # the main reading comes first, unchanged, and is the only one in the label plane
+    assert both.iloc[:3].reset_index(drop=True).equals(main)
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+    # the unsplit reading adds the pair's box only: the lone disc's box is already listed
+    assert len(both) == 4
+    extra = both.iloc[3]
+    assert extra.label_id == 0
+    assert (extra.x0, extra.x1) == (29, 89) and extra.area == (prob[:, :100] > 0).sum()
+
+
+def test_hypotheses_in_blocks_and_for_class_maps():
+    prob = _two_touching_and_one_apart()
+    cfg = {"markers": "peak_local_max", "min_distance": 7, "hypotheses": [{"split": "none"}, {"min_distance": 7}]}
+    whole = find_instances(prob, cfg)
+    blocks = find_instances(prob, {**cfg, "block_size": 64, "block_margin": 48})
+    assert len(whole) == 4  # the second hypothesis repeats the main reading: nothing added
+    pd_cols = ["x0", "y0", "x1", "y1", "label_id"]
+    assert sorted(map(tuple, whole[pd_cols].to_numpy())) == sorted(map(tuple, blocks[pd_cols].to_numpy()))
+    maps = np.stack([1 - prob, prob * 0.7, prob * 0.3]).astype(np.float32)
+    inst, probs = find_class_instances(maps, ["a", "b"], {"markers": "peak_local_max", "min_distance": 7,
+                                                          "hypotheses": [{"split": "none"}]})
+    assert len(inst) == len(probs) == 4 and list(inst.label_id) == [1, 2, 3, 0]
+    np.testing.assert_allclose(probs.to_numpy(), [[0.7, 0.3]] * 4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"min_distance": 20}, "must be a list"),
+    ([{}], r"hypotheses\[0\] must be a mapping"),
+    ([{"min_distance": 20}, {"block_size": 64}], r"hypotheses\[1\] sets block_size"),
+    ([{"markers": "random"}], "markers must be one of"),
+])
+def test_hypotheses_config_errors(bad, match):
+    with pytest.raises(CytoFuseError, match=match):
+        postprocess_config({"hypotheses": bad})
