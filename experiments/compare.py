@@ -301,7 +301,7 @@ def run_single_stage(cfg: Mapping[str, Any], ds: Dataset, data_path: Path, out: 
                     lambda: train_unet(bcfg, ds, out / "baseline", resume=True, progress=progress))
     phases.start(f"infer {SINGLE_STAGE}", f"{len(ds.subset(split=cfg['data']['test_split']))} test images")
     _warn_failed(SINGLE_STAGE, run_baseline_folder(run["best_checkpoint"], out / "test_images", out / SINGLE_STAGE,
-                                                   infer_config(cfg), progress=progress))
+                                                   infer_config(cfg, single_stage=True), progress=progress))
     return {"baseline": run}
 
 

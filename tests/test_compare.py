@@ -32,6 +32,18 @@ def _cfg(tmp_path=None, **data) -> dict:
     return cfg
 
 
+def test_single_stage_infer_overlays_infer_for_the_baseline_only():
+    cfg = cmp.load_compare_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "bccd.yaml")
+    two = stages.infer_config(cfg)
+    one = stages.infer_config(cfg, single_stage=True)
+    assert [h["min_distance"] for h in two["segmentation"]["postprocess"]["hypotheses"]] == [20, 80]
+    assert two["nms"]["containment"] is None
+    assert one["segmentation"]["postprocess"]["hypotheses"] == [] and one["nms"]["containment"] == 0.8
+    assert one["nms"]["iou"] == two["nms"]["iou"] and one["score_floor"] == two["score_floor"]
+    plain = _cfg()
+    assert stages.infer_config(plain, single_stage=True) == stages.infer_config(plain)
+
+
 def test_config_rejects_unknown_keys_and_systems(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("budget: {seg_minuts: 3}\n")
