@@ -422,6 +422,13 @@ def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, 
     return out.drop(columns=["cx", "cy"])
 
 
+def _blockwise_readings(shape: Sequence[int], cfg: dict, process_with: Callable[[dict], Callable[[tuple[slice, slice]], Block]],
+                        labels_out: Optional[np.ndarray] = None) -> pd.DataFrame:
+    """The main setting block by block (painting ``labels_out``), then each hypothesis's extra boxes."""
+    main = _blockwise(shape, cfg, process_with(cfg), labels_out)
+    return with_hypotheses(main, [_blockwise(shape, h, process_with(h)) for h in hypothesis_configs(cfg)])
+
+
 def _head_plane(instance: Optional[np.ndarray], shape: Sequence[int]) -> Optional[np.ndarray]:
     """The first instance-head plane (``(H, W)`` or ``(C, H, W)``), checked against ``shape``."""
     if instance is None:
@@ -456,9 +463,7 @@ def find_instances(probability: np.ndarray, cfg: Optional[dict] = None, instance
             return instances_from_labels(labels, prob), labels
         return process
 
-    main = _blockwise(probability.shape, cfg, process_with(cfg), labels_out)
-    extras = [_blockwise(probability.shape, h, process_with(h)) for h in hypothesis_configs(cfg)]
-    return with_hypotheses(main, extras)
+    return _blockwise_readings(probability.shape, cfg, process_with, labels_out)
 
 
 def foreground_names(class_names: Optional[Sequence[str]], channels: int) -> list[str]:
@@ -529,9 +534,7 @@ def find_class_instances(
             return (pd.concat(nonempty, ignore_index=True) if nonempty else parts[0]), combined
         return process
 
-    table = _blockwise(class_maps.shape[1:], cfg, process_with(cfg), labels_out)
-    extras = [_blockwise(class_maps.shape[1:], h, process_with(h)) for h in hypothesis_configs(cfg)]
-    table = with_hypotheses(table, [t for t in extras if not t.empty])
+    table = _blockwise_readings(class_maps.shape[1:], cfg, process_with, labels_out)
     if "class_name" not in table:
         table["class_name"] = pd.Series(dtype="object")
         for col in columns:
