@@ -231,21 +231,26 @@ def _stage_checkpoints(done: dict, folder: Path) -> dict:
     return out
 
 
-def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any]) -> dict:
+def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any],
+              derived: Sequence[tuple[str, ...]] = ()) -> dict:
     """Train one stage, or reuse it when ``done.json`` says it finished with this config.
 
     A run without ``done.json`` (killed mid-way) is resumed from its ``last.ckpt`` by the loop. The
     fingerprint sees paths inside the run folder relative to it (:func:`portable`), so a finished
     run folder can be moved; one written before that (absolute paths) is still recognised.
+    ``derived`` keys were computed from other stages' measured minutes (the baseline's ``auto``
+    epoch cap): they are left out of the fingerprint, so retraining the classifier alone does not
+    make a finished baseline unusable (its ``done.json`` keeps the budget it really had).
     """
     from .baseline import images_seen
 
-    digest = config_hash(portable(stage_cfg, folder.parent))
+    here = portable(stage_cfg, folder.parent)
+    digest = config_hash(_without(here, derived))
     done = _read_done(folder)
     if done is not None:
         done = _stage_checkpoints(done, folder)
     if done is not None and Path(done.get("best_checkpoint", "")).is_file():
-        if done.get("config_hash") not in (digest, config_hash(stage_cfg)):
+        if done.get("config_hash") not in (digest, config_hash(here), config_hash(stage_cfg)):
             raise CytoFuseError(
                 f"{folder}: this {name} stage was trained with another config (fingerprint {done.get('config_hash')} "
                 f"!= {digest}); delete {folder} to retrain it, or use another --out"

@@ -225,6 +225,45 @@ def test_finished_stage_is_reused_and_a_changed_config_refused(tmp_path):
         stages.run_stage("segmentation", folder, other, must_not_train)
 
 
+def test_a_derived_epoch_cap_does_not_refuse_a_finished_baseline(tmp_path):
+    """The baseline's auto epoch cap follows the two stages' measured minutes: retraining the
+    classifier alone changes it, and the finished baseline must still be reused."""
+    cfg = {"train": {"monitor": "val_dice", "time_budget_minutes": 20, "epochs": 90}, "model": {"depth": 4}}
+    folder = tmp_path / "baseline"
+    folder.mkdir()
+    (folder / "best.ckpt").write_bytes(b"weights")
+
+    def trained():
+        return SimpleNamespace(best_checkpoint=folder / "best.ckpt", last_checkpoint=folder / "best.ckpt",
+                               minutes=20.0, history=[], best_value=0.5)
+
+    def must_not_train():
+        raise AssertionError("a finished baseline was trained again")
+
+    derived = [("train", "epochs")]
+    stages.run_stage("single-stage", folder, cfg, trained, derived=derived)
+    later = {**cfg, "train": {**cfg["train"], "epochs": 120, "time_budget_minutes": 26}}
+    assert stages.run_stage("single-stage", folder, later, must_not_train, derived=derived)["minutes"] == 20.0
+    # without the key named as derived, the same change is another config
+    with pytest.raises(CytoFuseError, match="another config"):
+        stages.run_stage("single-stage", folder, later, must_not_train)
+    # and what the baseline learns is still fingerprinted
+    with pytest.raises(CytoFuseError, match="another config"):
+        stages.run_stage("single-stage", folder, {**later, "model": {"depth": 3}}, must_not_train, derived=derived)
+
+
+def test_a_baseline_finished_before_derived_keys_is_still_reused(tmp_path):
+    cfg = {"train": {"monitor": "val_dice", "time_budget_minutes": 20, "epochs": 90}, "model": {"depth": 4}}
+    folder = tmp_path / "baseline"
+    folder.mkdir()
+    (folder / "best.ckpt").write_bytes(b"weights")
+    done = {"stage": "single-stage", "best_checkpoint": str(folder / "best.ckpt"), "minutes": 20.0, "epochs": 9,
+            "config_hash": stages.config_hash(cfg)}  # written when the epoch cap was fingerprinted
+    (folder / "done.json").write_text(json.dumps(done))
+    reused = stages.run_stage("single-stage", folder, cfg, lambda: None, derived=[("train", "epochs")])
+    assert reused["epochs"] == 9
+
+
 def test_a_moved_run_folder_reuses_its_own_stages(tmp_path):
     import shutil
 
