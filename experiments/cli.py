@@ -80,6 +80,12 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     )
     if args.verbose:
         os.environ.setdefault("CYTOFUSE_MS_LOG", "1")
+    from cytocore import runtime
+
+    # before any command imports MindSpore: config checks import the U-Net module (and MindSpore with
+    # it) ahead of runtime.setup(), and MindSpore fixes its log level at import, so compile warnings
+    # ("compiled again", "ClearIsolatedNodes") reached users' terminals from the second stage on
+    runtime.mindspore_env()
     try:
         return int(args.handler(args) or 0)
     except CytoFuseError as exc:
