@@ -302,8 +302,8 @@ def run_single_stage(cfg: Mapping[str, Any], ds: Dataset, data_path: Path, out: 
                     lambda: train_unet(bcfg, ds, out / "baseline", resume=True, progress=progress), derived=derived)
     had = run.get("budget_minutes")
     if minutes is not None and had is not None and abs(float(had) - minutes) > 0.05:
-        log.info("    the reused baseline was trained on a %.1f min budget; the two stages' minutes now give %.1f "
-                 "(delete %s to retrain it on them)", float(had), minutes, out / "baseline")
+        log.info("    the reused baseline was trained on a %.1f min budget, this run's is %.1f (delete %s to retrain "
+                 "it on this one)", float(had), minutes, out / "baseline")
     phases.start(f"infer {SINGLE_STAGE}", f"{len(ds.subset(split=cfg['data']['test_split']))} test images")
     _warn_failed(SINGLE_STAGE, run_baseline_folder(run["best_checkpoint"], out / "test_images", out / SINGLE_STAGE,
                                                    infer_config(cfg, single_stage=True), progress=progress))
