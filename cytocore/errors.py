@@ -62,7 +62,9 @@ class ProblemLog:
 
     def _add(self, problem: Problem) -> None:
         self.items.append(problem)
-        log.warning(str(problem))
+        # The log level already says "warning"; "WARNING: error: ..." read as a crash. The message says
+        # what was skipped or fixed.
+        log.warning("%s: %s", where(problem.file, problem.row), problem.message)
 
     def extend(self, other: "ProblemLog") -> None:
         self.items.extend(other.items)

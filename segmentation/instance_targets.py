@@ -15,7 +15,8 @@ alternative kept for comparison, ``centre``, is a Gaussian at each box centre wi
 the box side. Through the real post-processing (``cytofuse seg ceiling`` with the heads' perfect
 targets blurred by a Gaussian like a trained network's output), on the synthetic validation split
 at scale 0.75: distance 0.99 / 0.99 / 0.98 at blur 0 / 1.5 / 3 px, centre 0.99 / 0.97 / 0.92 (the
-README's instance-head section); the distance head also needs no box size, so it works for mask-only data.
+instance-head section of docs/results-history.md); the distance head also needs no box size, so it
+works for mask-only data.
 
 **Instance labels** (:func:`instance_labels`) from:
 

@@ -304,6 +304,16 @@ def test_voc_reads_boxes_splits_and_reports_bad_files(tmp_path):
     assert find(ds, str(ann / "lost.xml"), "'lost.jpg' not found").startswith("error:")
 
 
+def test_skipped_box_is_logged_once_as_a_warning_naming_file_and_object(tmp_path, caplog):
+    root = make_voc(tmp_path)
+    with caplog.at_level("WARNING"):
+        load_dataset(root)
+    lines = [r.getMessage() for r in caplog.records if "degenerate" in r.getMessage()]
+    assert len(lines) == 1 and all(r.levelname == "WARNING" for r in caplog.records if "degenerate" in r.getMessage())
+    # "WARNING: error: ..." read as a crash; the line names the file and object and says it was skipped
+    assert lines[0].startswith(str(root / "Annotations" / "im2.xml") + ": object 1 (RBC)") and "skipped" in lines[0]
+
+
 def test_voc_with_given_class_names_skips_other_objects(tmp_path):
     ds = load_dataset(make_voc(tmp_path), format="voc", class_names=["WBC", "RBC"])
     assert ds.class_names == ["WBC", "RBC"]
