@@ -45,6 +45,7 @@ FITTED_DESCRIPTIONS: dict[str, str] = {
     "specimen": "specimen (cell + image evidence, k={k})",
     "shape": "shape (cell + its relative size and border contact)",
     "specimen_shape": "specimen_shape (cell + image evidence, k={k}, + size and border)",
+    "specimen_shape_rank": "specimen_shape_rank (specimen_shape + the cell's rank for the class in its image)",
 }
 #: What ``fit_fusion`` can maximise on the validation images, and how each is described in fusion.json.
 METRICS: dict[str, str] = {
@@ -419,6 +420,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         "specimen_fit": fitted["specimen"][0].to_dict(),
         "shape_fit": fitted["shape"][0].to_dict(),
         "specimen_shape_fit": fitted["specimen_shape"][0].to_dict(),
+        "specimen_shape_rank_fit": fitted["specimen_shape_rank"][0].to_dict(),
         "fusion": best_rule.to_dict(),
         "box_shrink": best_shrink["box_shrink"],
         "metric": metric,

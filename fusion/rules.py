@@ -26,6 +26,11 @@ Rules (``seg`` is the object's segmentation score, ``cls_c`` the classifier's pr
   cells cut by the border look like their neighbours to a classifier that sees a fixed window, but
   annotators leave them unboxed. Fitted on validation candidates only, like ``logistic``.
 - ``specimen_shape`` both: the specimen rule's features and the shape rule's geometry.
+- ``specimen_shape_rank`` ``specimen_shape`` plus the object's rank for the class in its image (``log r``,
+  ``r = 1`` for the image's highest ``seg · cls_c``): how many cells of a kind an image holds is a
+  property of the specimen (a blood smear shows one white cell among dozens of red ones), and when
+  post-processing offers several readings of a cluster (a whole cell and its pieces), the pieces rank
+  below the whole. Fitted on validation candidates only; ``fuse fit`` keeps it only if it wins there.
 
 Multi-label consistency: SCC and AC are sub-types of NSCLC, so a cell scored SCC 0.8 is at least
 NSCLC 0.8; :func:`apply_hierarchy` lifts parents to the max of their children after fusion.
@@ -38,12 +43,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 #: Rules with fitted per-class parameters (``cytofuse fuse fit``), in the order it compares them.
-FITTED: tuple[str, ...] = ("logistic", "specimen", "shape", "specimen_shape")
+FITTED: tuple[str, ...] = ("logistic", "specimen", "shape", "specimen_shape", "specimen_shape_rank")
 RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share") + FITTED
 FITTED_RULES = frozenset(FITTED)
 #: Fitted rules that read the image's evidence (``specimen_k``) and the object's geometry.
-IMAGE_RULES = frozenset({"specimen", "specimen_shape"})
-SHAPE_RULES = frozenset({"shape", "specimen_shape"})
+IMAGE_RULES = frozenset({"specimen", "specimen_shape", "specimen_shape_rank"})
+SHAPE_RULES = frozenset({"shape", "specimen_shape", "specimen_shape_rank"})
+#: Fitted rules that also read the object's rank for the class among its image's candidates.
+RANK_RULES = frozenset({"specimen_shape_rank"})
 #: Rules whose ``weight`` matters.
 WEIGHTED_RULES = frozenset({"geometric", "arithmetic"})
 #: The default hierarchy, used when every name in it is in the class list.
@@ -62,7 +69,8 @@ SHAPE_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + GEOMETRY_FEATURE_NAMES
 #: Coefficients each fitted rule needs per class.
 FEATURE_COUNTS: dict[str, int] = {"logistic": N_FEATURES, "specimen": len(SPECIMEN_FEATURE_NAMES),
                                   "shape": len(SHAPE_FEATURE_NAMES),
-                                  "specimen_shape": len(SPECIMEN_FEATURE_NAMES) + len(GEOMETRY_FEATURE_NAMES)}
+                                  "specimen_shape": len(SPECIMEN_FEATURE_NAMES) + len(GEOMETRY_FEATURE_NAMES),
+                                  "specimen_shape_rank": len(SPECIMEN_FEATURE_NAMES) + len(GEOMETRY_FEATURE_NAMES) + 1}
 #: Candidates of an image whose scores make up its evidence for a class.
 DEFAULT_SPECIMEN_K = 5
 
@@ -245,7 +253,23 @@ def fitted_features(name: str, seg: np.ndarray, cls: np.ndarray, geometry: Optio
     g = np.asarray(geometry, np.float64).reshape(-1, width)
     if len(g) != len(base):
         raise ValueError(f"{len(base)} boxes but geometry for {len(g)}")
-    return np.concatenate([base, np.broadcast_to(g[:, None, :], (len(g), base.shape[1], width))], axis=2)
+    out = np.concatenate([base, np.broadcast_to(g[:, None, :], (len(g), base.shape[1], width))], axis=2)
+    if name in RANK_RULES:
+        out = np.concatenate([out, np.log(image_ranks(seg, cls))[..., None]], axis=2)
+    return out
+
+
+def image_ranks(seg: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """``(N, K)`` each candidate's rank for each class among one image's candidates by ``seg · cls_c``:
+    1 for the highest, ties sharing the better rank (two equal boxes are equally likely the image's one)."""
+    s, c = _check(seg, cls)
+    joint = s[:, None] * c
+    if not len(joint):
+        return np.ones_like(joint)
+    ordered = np.sort(joint, axis=0)  # ascending, per class
+    better = np.stack([len(joint) - np.searchsorted(ordered[:, j], joint[:, j], side="right")
+                       for j in range(joint.shape[1])], axis=1)
+    return (better + 1).astype(np.float64)
 
 
 def image_evidence(seg: np.ndarray, cls: np.ndarray, k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:

@@ -69,7 +69,8 @@ def test_fit_fusion_cross_fits_the_shape_rule_on_validation_rows_only(tmp_path):
     n_val_rows = sum(r.n_boxes + 4 for r in val)  # each image: its cells + 4 debris candidates
     assert {p["n"] for p in report["shape_fit"]["logistic"].values()} == {n_val_rows}
     assert {p["n"] for p in report["specimen_shape_fit"]["logistic"].values()} == {n_val_rows}
-    for name in ("shape", "specimen_shape"):
+    assert {p["n"] for p in report["specimen_shape_rank_fit"]["logistic"].values()} == {n_val_rows}
+    for name in ("shape", "specimen_shape", "specimen_shape_rank"):
         rows = [r for r in report["results"] if r["rule"] == name]
         assert len(rows) == 1 and "cross-fitted" in rows[0]["description"] and rows[0]["accuracy"] is not None
 
