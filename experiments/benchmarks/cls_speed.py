@@ -6,7 +6,10 @@ is ``Classifier.predict_crops`` after a warm-up call, ``classify_boxes`` on a wh
 extraction included), and Grad-CAM. Prints a table; asserts nothing (timings depend on the machine).
 
     .venv/bin/python -m experiments.benchmarks.cls_speed [--models efficientnet_b0 mobilenet_v3_small_100]
-        [--size 96] [--batch 32] [--steps 6] [--data DIR]
+        [--size 96] [--batch 32] [--steps 6] [--data DIR] [--threads N]
+
+``--threads 1`` beside a second copy of the command is what a system gets in ``parallel: true`` compares;
+alone, it shows what one thread itself costs, apart from two processes sharing the machine.
 """
 from __future__ import annotations
 
@@ -97,12 +100,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="training steps per measured epoch")
     parser.add_argument("--data", default=None, help="data set (default: a small synthetic set made here)")
+    parser.add_argument("--threads", type=int, default=None, help="MindSpore CPU threads (default: the cores this process may use)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
     from cytocore import runtime
 
-    runtime.setup(seed=0)
+    runtime.setup(seed=0, threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="cls_speed_") as tmp:
         data = Path(args.data) if args.data else None
         if data is None:
