@@ -37,6 +37,9 @@ class Candidates:
     instances: Optional[pd.DataFrame] = None
     labels: Optional[np.ndarray] = None
     info: dict = field(default_factory=dict)  # about the input: slide or not, µm/px, scale used, tissue share
+    # (N, K) a K+1-class U-Net's own mean softmax of each class inside each object, in cls_probs' class
+    # order; None when the U-Net only finds cells (binary). The semantic fusion rules read it.
+    seg_class_probs: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(len(self.boxes))

@@ -32,7 +32,7 @@ from cytocore.detections import Candidates
 from cytocore.errors import CheckpointError, CytoFuseError
 from cytocore.records import Dataset
 from fusion.pipeline import DetectionSystem, DetectSettings, detections_from_candidates, load_fusion_config, setup_runtime
-from fusion.rules import FusionRule, resolve_hierarchy
+from fusion.rules import FusionRule, label_marginals, resolve_hierarchy
 
 log = logging.getLogger("cytofuse")
 
@@ -87,22 +87,6 @@ def train_unet(cfg: dict, dataset: Dataset, out: PathLike, resume: bool = True, 
 
 
 # ------------------------------------------------------------------------------------------ decoding
-
-
-def label_marginals(probs: np.ndarray, class_names: Sequence[str], hierarchy: Mapping[str, Sequence[str]]) -> np.ndarray:
-    """Multi-hot class probabilities from a single-label softmax: each parent gains its children's mass.
-
-    ``probs`` is ``(N, K)`` mean softmax per component; the result is clipped to [0, 1] (the sum
-    can only exceed 1 by rounding, since the K+1 softmax channels sum to 1).
-    """
-    out = np.array(probs, np.float64, copy=True).reshape(-1, len(class_names))
-    index = {c: i for i, c in enumerate(class_names)}
-    source = out.copy()
-    for parent, children in hierarchy.items():
-        kids = [index[c] for c in children if c in index]
-        if parent in index and kids:
-            out[:, index[parent]] = source[:, index[parent]] + source[:, kids].sum(axis=1)
-    return np.clip(out, 0.0, 1.0)
 
 
 def candidates_from_segmentation(result: Any, class_names: Sequence[str], hierarchy: Mapping[str, Sequence[str]],

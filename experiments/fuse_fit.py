@@ -7,7 +7,8 @@ through :func:`experiments.evaluate.evaluate`, exactly as ``cytofuse evaluate`` 
 
 The logistic rule (and its variants with the image's evidence, ``specimen``, with the object's
 geometry, ``shape``, and with both, ``specimen_shape``) is fitted on candidates labelled by the metric's own hit test (IoP > 0.5 with a
-ground-truth box of the class). To compare it fairly with the fixed rules, its FROC is measured
+ground-truth box of the class). ``semantic_shape`` (``shape`` plus the segmentation U-Net's own class
+probability) is offered only when the U-Net is a K+1-class one, so that every candidate carries one. To compare it fairly with the fixed rules, its FROC is measured
 *cross-fitted*: images are split into folds and each fold is scored by a model fitted on the other
 folds; the parameters written to ``fusion.json`` are then refitted on all validation images. The
 best rule's box shrink factor is finally chosen from a grid the same way, and everything measured
@@ -46,6 +47,7 @@ FITTED_DESCRIPTIONS: dict[str, str] = {
     "shape": "shape (cell + its relative size and border contact)",
     "specimen_shape": "specimen_shape (cell + image evidence, k={k}, + size and border)",
     "specimen_shape_rank": "specimen_shape_rank (specimen_shape + the cell's rank for the class in its image)",
+    "semantic_shape": "semantic_shape (shape + the K+1-class U-Net's own class probability)",
 }
 #: What ``fit_fusion`` can maximise on the validation images, and how each is described in fusion.json.
 METRICS: dict[str, str] = {
@@ -339,7 +341,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     shrink, and fit the image-level triage model; only images of ``split`` are ever read."""
     from fusion.pipeline import DetectSettings
     from fusion.geometry import cell_geometry
-    from fusion.rules import FITTED, fit_image_rule
+    from fusion.rules import FITTED, SEMANTIC_RULES, fit_image_rule
 
     if metric not in METRICS:
         raise ValueError(f"fusion fit metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -367,15 +369,18 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     all_ids = [r.image_id for r in records]
     geometry = {r.image_id: cell_geometry(cands[r.image_id].boxes, cands[r.image_id].object_area, r.width, r.height)
                 for r in records}
-    per_image = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), geometry[i], targets[i])  # noqa: E731
-                             for i in ids]
+    per_image = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), geometry[i], targets[i],  # noqa: E731
+                              cands[i].seg_class_probs) for i in ids]
+    # the semantic rules read a K+1-class U-Net's class probabilities: offered only when every candidate has them
+    semantic = all(cands[i].seg_class_probs is not None for i in all_ids)
+    rules_to_fit = [name for name in FITTED if semantic or name not in SEMANTIC_RULES]
     n_folds = max(2, min(int(folds), len(records)))
     fold = fold_of(records, n_folds)
     logistic_note = None if len(records) >= 2 else "too few images to cross-fit the fitted rules; not compared"
     judgeable = judged_classes(targets, fold, n_folds, names) if len(records) >= 2 else list(names)
     weak = [c for c in names if c not in judgeable]
     fitted: dict[str, tuple] = {}
-    for name in FITTED:
+    for name in rules_to_fit:
         folds_of = same_scale_folds({k: fit_image_rule(name, per_image([i for i in all_ids if fold[i] != k]), names,
                                                        specimen_k, l2, hierarchy)
                                      for k in range(n_folds)} if len(records) >= 2 else {}, weak)
@@ -421,6 +426,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         "shape_fit": fitted["shape"][0].to_dict(),
         "specimen_shape_fit": fitted["specimen_shape"][0].to_dict(),
         "specimen_shape_rank_fit": fitted["specimen_shape_rank"][0].to_dict(),
+        **({"semantic_shape_fit": fitted["semantic_shape"][0].to_dict()} if "semantic_shape" in fitted else {}),
         "fusion": best_rule.to_dict(),
         "box_shrink": best_shrink["box_shrink"],
         "metric": metric,

@@ -26,6 +26,8 @@ def training_proposals(seg_checkpoint: PathLike, dataset: Dataset, split: str, i
     out = Path(out_dir)
     images = link_split_images(dataset, split, out / "images")
     seg = dict(infer_cfg.get("segmentation") or {})
-    predict_folder(seg_checkpoint, images, out, seg.get("predict") or None, seg.get("postprocess") or None,
+    # the two-stage source decodes a K+1-class U-Net by its whole foreground (fusion.sources); a binary one ignores it
+    post = {**dict(seg.get("postprocess") or {}), "multiclass": "foreground"}
+    predict_folder(seg_checkpoint, images, out, seg.get("predict") or None, post,
                    progress=progress, max_pixels=infer_cfg.get("max_pixels"))
     return out / "instances.csv"

@@ -34,7 +34,7 @@ from cytocore.shards import Shard, run_share
 
 from .geometry import box_areas, cell_geometry, clip_boxes, shrink_boxes
 from .nms import class_floors, select_detections
-from .rules import SHAPE_RULES, FusionRule, fuse_scores
+from .rules import SEMANTIC_RULES, SHAPE_RULES, FusionRule, fuse_scores
 from .triage import TriageModel
 
 log = logging.getLogger("cytofuse")
@@ -179,7 +179,7 @@ def detections_from_candidates(
     """
     geometry = (cell_geometry(candidates.boxes, candidates.object_area, width, height)
                 if rule.name in SHAPE_RULES else None)
-    fused = fuse_scores(candidates.seg_scores, candidates.cls_probs, rule, class_names, geometry)
+    fused = fuse_scores(candidates.seg_scores, candidates.cls_probs, rule, class_names, geometry, candidates.seg_class_probs)
     keep = select_detections(
         candidates.boxes, fused, settings.floors, settings.iou, settings.containment, settings.max_detections
     )
@@ -402,4 +402,7 @@ class Pipeline(DetectionSystem):
             rule = FusionRule.from_config(config["fusion"], source.class_names)
         except ValueError as exc:
             raise CytoFuseError(f"{config.get('fusion_source', 'config')}: {exc}") from None
+        if rule.name in SEMANTIC_RULES and not source.semantic:
+            raise CytoFuseError(f"{config.get('fusion_source', 'config')}: the {rule.name} fusion rule needs a K+1-class "
+                                f"segmentation U-Net (targets.mode: classes), but {seg_checkpoint} finds cells only")
         super().__init__(source, config, rule)

@@ -26,6 +26,13 @@ Rules (``seg`` is the object's segmentation score, ``cls_c`` the classifier's pr
   cells cut by the border look like their neighbours to a classifier that sees a fixed window, but
   annotators leave them unboxed. Fitted on validation candidates only, like ``logistic``.
 - ``specimen_shape`` both: the specimen rule's features and the shape rule's geometry.
+- ``semantic_shape`` the shape rule plus ``logit u_c``, the segmentation U-Net's *own* mean probability of
+  class c inside the object, when the U-Net is a K+1-class one (``targets.mode: classes``). The U-Net
+  sees a wide field at once (the tissue around a nucleus, its neighbours), the classifier a small crop
+  at full resolution; where one is blind the other may see (MoNuSAC: the crop classifier hardly ranks
+  macrophages, which the K+1-class U-Net finds from their surroundings). Fitted on validation
+  candidates only; offered by ``fuse fit`` only when the candidates carry the U-Net's class
+  probabilities.
 - ``specimen_shape_rank`` ``specimen_shape`` plus the object's rank for the class in its image (``log r``,
   ``r = 1`` for the image's highest ``seg · cls_c``): how many cells of a kind an image holds is a
   property of the specimen (a blood smear shows one white cell among dozens of red ones), and when
@@ -43,12 +50,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 #: Rules with fitted per-class parameters (``cytofuse fuse fit``), in the order it compares them.
-FITTED: tuple[str, ...] = ("logistic", "specimen", "shape", "specimen_shape", "specimen_shape_rank")
+FITTED: tuple[str, ...] = ("logistic", "specimen", "shape", "specimen_shape", "specimen_shape_rank", "semantic_shape")
 RULES: tuple[str, ...] = ("geometric", "product", "arithmetic", "classifier", "seg_share") + FITTED
 FITTED_RULES = frozenset(FITTED)
 #: Fitted rules that read the image's evidence (``specimen_k``) and the object's geometry.
 IMAGE_RULES = frozenset({"specimen", "specimen_shape", "specimen_shape_rank"})
-SHAPE_RULES = frozenset({"shape", "specimen_shape", "specimen_shape_rank"})
+SHAPE_RULES = frozenset({"shape", "specimen_shape", "specimen_shape_rank", "semantic_shape"})
+#: Fitted rules that also read a K+1-class segmentation U-Net's own class probabilities.
+SEMANTIC_RULES = frozenset({"semantic_shape"})
 #: Fitted rules that also read the object's rank for the class among its image's candidates.
 RANK_RULES = frozenset({"specimen_shape_rank"})
 #: Rules whose ``weight`` matters.
@@ -70,7 +79,8 @@ SHAPE_FEATURE_NAMES: tuple[str, ...] = FEATURE_NAMES + GEOMETRY_FEATURE_NAMES
 FEATURE_COUNTS: dict[str, int] = {"logistic": N_FEATURES, "specimen": len(SPECIMEN_FEATURE_NAMES),
                                   "shape": len(SHAPE_FEATURE_NAMES),
                                   "specimen_shape": len(SPECIMEN_FEATURE_NAMES) + len(GEOMETRY_FEATURE_NAMES),
-                                  "specimen_shape_rank": len(SPECIMEN_FEATURE_NAMES) + len(GEOMETRY_FEATURE_NAMES) + 1}
+                                  "specimen_shape_rank": len(SPECIMEN_FEATURE_NAMES) + len(GEOMETRY_FEATURE_NAMES) + 1,
+                                  "semantic_shape": len(SHAPE_FEATURE_NAMES) + 1}
 #: Candidates of an image whose scores make up its evidence for a class.
 DEFAULT_SPECIMEN_K = 5
 
@@ -178,6 +188,24 @@ def apply_hierarchy(scores: np.ndarray, class_names: Sequence[str], hierarchy: M
     return out
 
 
+def label_marginals(probs: np.ndarray, class_names: Sequence[str], hierarchy: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Multi-hot class probabilities from a single-label softmax: each parent gains its children's mass.
+
+    A K+1-class U-Net paints a multi-label cell (SCC + NSCLC) with one class, so its softmax never
+    says "NSCLC" for an SCC cell; the probability that the cell *is* NSCLC in the multi-hot sense is
+    the mass of NSCLC-NOS plus its sub-types. ``probs`` is ``(N, K)`` mean softmax per object; the
+    result is clipped to [0, 1] (the sum can only exceed 1 by rounding).
+    """
+    out = np.array(probs, np.float64, copy=True).reshape(-1, len(class_names))
+    index = {c: i for i, c in enumerate(class_names)}
+    source = out.copy()
+    for parent, children in hierarchy.items():
+        kids = [index[c] for c in children if c in index]
+        if parent in index and kids:
+            out[:, index[parent]] = source[:, index[parent]] + source[:, kids].sum(axis=1)
+    return np.clip(out, 0.0, 1.0)
+
+
 # ------------------------------------------------------------------------------------------- fusion
 
 
@@ -203,9 +231,10 @@ def logistic_features(seg: np.ndarray, cls: np.ndarray) -> np.ndarray:
 
 
 def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names: Sequence[str],
-                geometry: Optional[np.ndarray] = None) -> np.ndarray:
+                geometry: Optional[np.ndarray] = None, seg_class: Optional[np.ndarray] = None) -> np.ndarray:
     """``(N, K)`` fused scores in [0, 1] for ``N`` boxes, hierarchy applied; ``geometry`` is the boxes'
-    ``(N, 2)`` :func:`fusion.geometry.cell_geometry`, which only the shape rules read (and need)."""
+    ``(N, 2)`` :func:`fusion.geometry.cell_geometry`, which only the shape rules read (and need);
+    ``seg_class`` the ``(N, K)`` U-Net class probabilities only the semantic rules read (and need)."""
     s, c = _check(seg, cls)
     if c.shape[1] != len(class_names):
         raise ValueError(f"classifier gave {c.shape[1]} classes but {len(class_names)} class names were given")
@@ -224,7 +253,8 @@ def fuse_scores(seg: np.ndarray, cls: np.ndarray, rule: FusionRule, class_names:
         share = np.divide(c, total, out=np.full_like(c, 1.0 / max(c.shape[1], 1)), where=total > 0)
         fused = col * share
     elif rule.name in FITTED_RULES:
-        fused = feature_scores(fitted_features(rule.name, s, c, geometry, rule.specimen_k), rule.logistic or {}, class_names)
+        fused = feature_scores(fitted_features(rule.name, s, c, geometry, rule.specimen_k, seg_class), rule.logistic or {},
+                               class_names)
     else:  # unreachable: FusionRule checks the name
         raise ValueError(rule.name)
     return apply_hierarchy(np.clip(fused, 0.0, 1.0), class_names, rule.hierarchy)
@@ -240,7 +270,7 @@ def feature_scores(feats: np.ndarray, params: Mapping[str, Mapping[str, Any]], c
 
 
 def fitted_features(name: str, seg: np.ndarray, cls: np.ndarray, geometry: Optional[np.ndarray] = None,
-                    k: int = DEFAULT_SPECIMEN_K) -> np.ndarray:
+                    k: int = DEFAULT_SPECIMEN_K, seg_class: Optional[np.ndarray] = None) -> np.ndarray:
     """``(N, K, F)`` features of the fitted rule ``name`` for one image's candidates."""
     if name not in FITTED_RULES:
         raise ValueError(f"{name!r} is not a fitted fusion rule")
@@ -256,6 +286,14 @@ def fitted_features(name: str, seg: np.ndarray, cls: np.ndarray, geometry: Optio
     out = np.concatenate([base, np.broadcast_to(g[:, None, :], (len(g), base.shape[1], width))], axis=2)
     if name in RANK_RULES:
         out = np.concatenate([out, np.log(image_ranks(seg, cls))[..., None]], axis=2)
+    if name in SEMANTIC_RULES:
+        if seg_class is None:
+            raise ValueError(f"the {name} fusion rule needs a K+1-class segmentation U-Net (targets.mode: classes): "
+                             "this one gives no class probabilities")
+        u = np.asarray(seg_class, np.float64).reshape(len(out), -1)
+        if u.shape[1] != out.shape[1]:
+            raise ValueError(f"the U-Net gave {u.shape[1]} class probabilities but the classifier {out.shape[1]}")
+        out = np.concatenate([out, logit(u)[..., None]], axis=2)
     return out
 
 
@@ -418,20 +456,21 @@ def fit_logistic_rule(
 
 def fit_image_rule(
     name: str,
-    images: Sequence[tuple[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]],
+    images: Sequence[tuple],
     class_names: Sequence[str],
     k: int = DEFAULT_SPECIMEN_K,
     l2: float = 1e-2,
     hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> FusionRule:
     """Fit the fitted rule ``name`` on validation images, each ``(seg (N,), cls (N, K), geometry (N, 2)
-    or None, targets (N, K))``. Features are built per image (an image's evidence and its median object
-    need all of its candidates), then stacked."""
+    or None, targets (N, K))``, or with a fifth element, the U-Net's ``(N, K)`` class probabilities (or
+    None), which the semantic rules need. Features are built per image (an image's evidence and its
+    median object need all of its candidates), then stacked."""
     kk = len(class_names)
     used = [im for im in images if len(np.asarray(im[0]).reshape(-1))]
-    feats = [fitted_features(name, s, c, g, k) for s, c, g, _ in used]
+    feats = [fitted_features(name, im[0], im[1], im[2], k, im[4] if len(im) > 4 else None) for im in used]
     x = np.concatenate(feats) if feats else np.zeros((0, kk, FEATURE_COUNTS[name]))
-    t = np.concatenate([np.asarray(tg, np.float64).reshape(-1, kk) for *_, tg in used]) if used else np.zeros((0, kk))
+    t = np.concatenate([np.asarray(im[3], np.float64).reshape(-1, kk) for im in used]) if used else np.zeros((0, kk))
     return fit_feature_rule(name, x, t, class_names, l2, hierarchy, specimen_k=k)
 
 

@@ -51,16 +51,32 @@ class TwoStageSource:
     ``seg_settings`` are the segmentation stage's resolved settings
     (:func:`segmentation.predict.resolve_settings`); ``seg_score`` is "mean" or "max" of the map
     inside the object; ``batch_size`` is the classifier's crops per call.
+
+    A K+1-class U-Net (``targets.mode: classes``) is used the same way: its objects are the components
+    of the whole foreground (``1 − p_background``; ``postprocess.multiclass`` is set to ``foreground``,
+    since splitting a cell where the U-Net's class changes would cut it), and its own mean class
+    probabilities inside each object ride along as ``Candidates.seg_class_probs`` (multi-hot under
+    ``hierarchy``) for the semantic fusion rules.
     """
 
     def __init__(self, seg_path: PathLike, segmenter: Any, cls_path: PathLike, classifier: Any, seg_settings: Any,
-                 seg_score: str = "mean", batch_size: int = 32, scale_config: Optional[Mapping[str, Any]] = None) -> None:
+                 seg_score: str = "mean", batch_size: int = 32, scale_config: Optional[Mapping[str, Any]] = None,
+                 hierarchy: Optional[Mapping[str, Sequence[str]]] = None) -> None:
         self.seg_path, self.cls_path = Path(seg_path), Path(cls_path)
         self.segmenter, self.classifier = segmenter, classifier
+        self.class_names: list[str] = list(classifier.class_names)
+        self.semantic = getattr(segmenter, "mode", "binary") == "classes"
+        if self.semantic:
+            missing = [c for c in self.class_names if c not in getattr(segmenter, "class_names", [])]
+            if missing:
+                raise CheckpointError(f"{seg_path}: the U-Net's classes lack {', '.join(missing)}, which the classifier "
+                                      f"{cls_path} predicts; use a U-Net trained on the classifier's classes")
+            post = {**seg_settings.postprocess, "multiclass": "foreground"}
+            seg_settings = dataclasses.replace(seg_settings, postprocess=post)
         self.seg_settings = seg_settings
+        self.hierarchy = {k: list(v) for k, v in (hierarchy or {}).items()}
         self.seg_score = seg_score
         self.batch_size = int(batch_size)
-        self.class_names: list[str] = list(classifier.class_names)
         self._checkpoints: Optional[dict] = None
         # --mpp and a user-chosen scale (fusion config): with the input's µm/px they set each input's scale
         self.scale_config = dict(scale_config or {})
@@ -84,8 +100,14 @@ class TwoStageSource:
                     f"{cls_checkpoint}: the classifier predicts classes {', '.join(names)} but "
                     f"{', '.join(expected)} were expected (--classes); use a classifier trained on those classes"
                 )
+        from .rules import resolve_hierarchy
+
         settings = resolve_settings(segmenter, config.get("segmentation"), "config segmentation")
-        return cls(seg_checkpoint, segmenter, cls_checkpoint, classifier, settings,
+        try:
+            hierarchy = resolve_hierarchy((config.get("fusion") or {}).get("hierarchy", "auto"), names)
+        except ValueError as exc:
+            raise CheckpointError(f"config fusion.hierarchy: {exc}") from None
+        return cls(seg_checkpoint, segmenter, cls_checkpoint, classifier, settings, hierarchy=hierarchy,
                    seg_score=str(config.get("seg_score", "mean")),
                    batch_size=int((config.get("classification") or {}).get("batch_size", 32)),
                    scale_config={"mpp": config.get("mpp"), "scale": config.get("scale"),
@@ -115,7 +137,17 @@ class TwoStageSource:
         timings["segment"] = timings.get("segment", 0.0) + (t1 - t0)
         timings["classify"] = timings.get("classify", 0.0) + (t2 - t1)
         return Candidates(seg.probability, boxes, seg.scores(self.seg_score), seg.areas(), probs, instances=seg.instances,
-                          labels=seg.labels, info=input_record(image, choice))
+                          labels=seg.labels, info=input_record(image, choice), seg_class_probs=self.unet_class_probs(seg))
+
+    def unet_class_probs(self, seg: Any) -> Optional[np.ndarray]:
+        """``(N, K)`` the U-Net's own mean class probabilities per object, in the classifier's class order
+        and multi-hot under the hierarchy; None for a binary U-Net."""
+        from .rules import label_marginals
+
+        if seg.class_probs is None:
+            return None
+        probs = seg.class_probs[self.class_names].to_numpy(np.float64).reshape(len(seg.instances), len(self.class_names))
+        return label_marginals(probs, self.class_names, self.hierarchy)
 
     def checkpoints(self) -> dict:
         if self._checkpoints is None:
@@ -125,7 +157,8 @@ class TwoStageSource:
 
     def identity(self) -> dict:
         return {"system": "two-stage", "checkpoints": self.checkpoints(), "classes": self.class_names,
-                "segmentation": self.seg_settings.to_dict(), "seg_score": self.seg_score}
+                "segmentation": self.seg_settings.to_dict(), "seg_score": self.seg_score,
+                **({"unet_class_hierarchy": self.hierarchy} if self.semantic else {})}
 
 
 def _json_safe(obj: Any) -> Any:

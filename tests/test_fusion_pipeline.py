@@ -42,13 +42,16 @@ def checkpoints(tmp_path_factory):
     seg = runtime.save_checkpoint(folder / "seg.ckpt", [unet], seg_meta)
     runtime.setup(seed=1, threads=2)
     seg_other = runtime.save_checkpoint(folder / "seg_other.ckpt", [create_unet(**model_cfg)], seg_meta)
+    classes_cfg = resolve_model_config({"name": "unet_tiny", "out_channels": len(NAMES) + 1})
+    seg_classes = runtime.save_checkpoint(folder / "seg_classes.ckpt", [create_unet(**classes_cfg)],
+                                          {**seg_meta, "model": classes_cfg, "mode": "classes"})
     model = ModelConfig(name="efficientnet_b0", width_mult=0.25, depth_mult=0.25, drop_rate=0.0, drop_path_rate=0.0)
     crop = CropConfig(size=32)
     net = build_network(model, len(NAMES))
     cls = runtime.save_checkpoint(folder / "cls.ckpt", [net], checkpoint_meta(model, NAMES, crop))
     other = build_network(model, 2)
     cls_other = runtime.save_checkpoint(folder / "cls_other.ckpt", [other], checkpoint_meta(model, ["benign", "malignant"], crop))
-    return {"seg": seg, "seg_other": seg_other, "cls": cls, "cls_other": cls_other}
+    return {"seg": seg, "seg_other": seg_other, "seg_classes": seg_classes, "cls": cls, "cls_other": cls_other}
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +233,27 @@ def test_an_image_without_detections_is_a_normal_result(checkpoints, images, tmp
     assert table.n_detections.tolist() == [0, 0]
     assert json.loads((out / "geojson" / "slide_a.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
     assert len(pd.read_csv(out / "predictions.csv")) == 0
+
+
+def test_a_k_plus_1_class_unet_gives_its_class_probabilities_to_the_semantic_rule(checkpoints, tmp_path):
+    from cytocore.errors import CytoFuseError
+    from fusion.pipeline import Pipeline
+
+    low = {**CONFIG, "segmentation": {**CONFIG["segmentation"], "postprocess": {"threshold": 0.0, "min_area": 4}}}
+    semantic = Pipeline(checkpoints["seg_classes"], checkpoints["cls"], low, classes=NAMES)
+    assert semantic.source.semantic and semantic.source.seg_settings.postprocess["multiclass"] == "foreground"
+    cand = semantic.candidates(_cells(3))
+    assert len(cand) > 0 and cand.seg_class_probs.shape == (len(cand), len(NAMES))
+    u = cand.seg_class_probs
+    assert 0.0 <= u.min() and u.max() <= 1.0
+    assert (u[:, 3] >= u[:, 0] + u[:, 1] - 1e-9).all()  # NSCLC holds its sub-types' mass
+    binary = Pipeline(checkpoints["seg"], checkpoints["cls"], low, classes=NAMES)
+    assert not binary.source.semantic and binary.candidates(_cells(3)).seg_class_probs is None
+
+    coef = {c: {"coef": [0.5, 0.5, 0.0, 0.0, 0.0, 1.0], "intercept": 0.0} for c in NAMES}
+    fused_cfg = {**low, "fusion": {"rule": "semantic_shape", "logistic": coef}}
+    result = Pipeline(checkpoints["seg_classes"], checkpoints["cls"], fused_cfg, classes=NAMES).run_image(_cells(3), "x")
+    assert len(result.detections.to_frame()) > 0
+    with pytest.raises(CytoFuseError, match="needs a K\\+1-class segmentation U-Net") as info:
+        Pipeline(checkpoints["seg"], checkpoints["cls"], fused_cfg, classes=NAMES)
+    assert "\n" not in str(info.value)
