@@ -29,10 +29,10 @@ Rules (``seg`` is the object's segmentation score, ``cls_c`` the classifier's pr
 - ``semantic_shape`` the shape rule plus ``logit u_c``, the segmentation U-Net's *own* mean probability of
   class c inside the object, when the U-Net is a K+1-class one (``targets.mode: classes``). The U-Net
   sees a wide field at once (the tissue around a nucleus, its neighbours), the classifier a small crop
-  at full resolution; where one is blind the other may see (MoNuSAC: the crop classifier hardly ranks
-  macrophages, which the K+1-class U-Net finds from their surroundings). Fitted on validation
-  candidates only; offered by ``fuse fit`` only when the candidates carry the U-Net's class
-  probabilities.
+  at full resolution, so their errors need not coincide (the single-stage U-Net ranks MoNuSAC's
+  macrophages and neutrophils better than the crop classifier does, epithelial nuclei far worse).
+  Fitted on validation candidates only; offered by ``fuse fit`` only when the candidates carry the
+  U-Net's class probabilities.
 - ``specimen_shape_rank`` ``specimen_shape`` plus the object's rank for the class in its image (``log r``,
   ``r = 1`` for the image's highest ``seg · cls_c``): how many cells of a kind an image holds is a
   property of the specimen (a blood smear shows one white cell among dozens of red ones), and when
