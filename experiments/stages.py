@@ -36,7 +36,7 @@ NOT_FINGERPRINTED = (("train", "progress"), ("train", "time_budget_minutes"), ("
 
 #: Options added after runs were trained, left out of the fingerprint while at the value that
 #: reproduces the old behaviour: a run folder trained before an option existed stays resumable.
-LATER_OPTIONS = {("proposals", "match"): "iop", ("proposals", "iou"): 0.5, ("loss", "foreground_dice_weight"): 0.0}
+LATER_OPTIONS = {("proposals", "match"): "iop", ("proposals", "iou"): 0.5}
 
 
 def repo_path(path: PathLike) -> Path:
