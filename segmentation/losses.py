@@ -48,12 +48,6 @@ class CEDiceLoss(nn.Cell):
 
     ``class_weights`` (length C, background first) rescale the cross-entropy per target class, for
     rare classes that the patch sampler's oversampling alone does not rescue.
-
-    ``foreground_weight`` adds ``(1 − softDice)`` of the foreground itself (``1 − p_background``
-    against "any class"). The per-class Dice terms reward the right class, not the cell's outline: a
-    nucleus painted half epithelial, half lymphocyte is a whole cell to the post-processing, which
-    decodes the foreground. When the same U-Net must also find the cells (the two-stage system with
-    class maps), this term keeps its outlines as sharp as the binary U-Net's.
     """
 
     def __init__(
@@ -63,7 +57,6 @@ class CEDiceLoss(nn.Cell):
         dice_weight: float = 1.0,
         smooth: float = 1.0,
         class_weights: Optional[Sequence[float]] = None,
-        foreground_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if num_channels < 2:
@@ -76,7 +69,6 @@ class CEDiceLoss(nn.Cell):
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.smooth = float(smooth)
-        self.foreground_weight = float(foreground_weight)
         self.on = ms.Tensor(1.0, ms.float32)
         self.off = ms.Tensor(0.0, ms.float32)
 
@@ -90,13 +82,7 @@ class CEDiceLoss(nn.Cell):
         inter = ops.sum(prob * onehot, (0, 2, 3))
         denom = ops.sum(prob, (0, 2, 3)) + ops.sum(onehot, (0, 2, 3))
         dice = (2.0 * inter + self.smooth) / (denom + self.smooth)
-        loss = self.ce_weight * ce + self.dice_weight * (1.0 - ops.mean(dice[1:]))
-        if self.foreground_weight > 0:
-            fg_prob = 1.0 - prob[:, 0]
-            fg_true = 1.0 - onehot[:, 0]
-            fg_dice = (2.0 * ops.sum(fg_prob * fg_true) + self.smooth) / (ops.sum(fg_prob) + ops.sum(fg_true) + self.smooth)
-            loss = loss + self.foreground_weight * (1.0 - fg_dice)
-        return loss
+        return self.ce_weight * ce + self.dice_weight * (1.0 - ops.mean(dice[1:]))
 
 
 class WithInstanceHead(nn.Cell):
@@ -147,7 +133,6 @@ def _semantic_loss(mode: str, out_channels: int, loss_cfg: dict, class_weights: 
             return CEDiceLoss(
                 out_channels, ce_weight=cfg.get("pixel_weight", 1.0), dice_weight=cfg.get("dice_weight", 1.0),
                 smooth=cfg.get("smooth", 1.0), class_weights=class_weights,
-                foreground_weight=cfg.get("foreground_dice_weight", 0.0),
             )
     except ValueError as exc:
         raise CytoFuseError(f"loss: {exc}") from None
