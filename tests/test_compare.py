@@ -93,6 +93,28 @@ def test_stage_configs_share_data_seed_budget_and_the_unet(tmp_path):
         stages.seg_stage_config(cfg, tmp_path, 1.0)
 
 
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_tiny.yaml", "bccd.yaml", "monusac.yaml", "lc25000.yaml"])
+def test_shipped_compare_configs_resolve_every_stage(tmp_path, name):
+    """A shipped config whose stage sections do not merge (an option its seg config does not know...)
+    would fail only after minutes of work; every stage's config is built here instead."""
+    cfg = cmp.load_compare_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / name)
+    seg = stages.seg_stage_config(cfg, tmp_path, 1.0)
+    assert stages.cls_stage_config(cfg, tmp_path, 1.0)["data"]["path"] == str(tmp_path)
+    base = stages.baseline_stage_config(cfg, tmp_path, 1.0)
+    assert base["targets"]["mode"] == "classes" and base["model"] == seg["model"]
+
+
+def test_the_monusac_class_map_variant_resolves():
+    """The README's MoNuSAC row with a K+1-class two-stage U-Net (semantic_shape fusion) is the shipped
+    config with one --set: its U-Net has class maps decoded by the whole foreground."""
+    repo = Path(__file__).resolve().parents[1]
+    cfg = cmp.load_compare_config(repo / "experiments" / "configs" / "monusac.yaml",
+                                  ["seg.config=experiments/configs/seg_monusac_classes.yaml"])
+    seg = stages.seg_stage_config(cfg, Path("data"), 1.0)
+    assert seg["targets"]["mode"] == "classes" and seg["postprocess"]["multiclass"] == "foreground"
+    assert seg["data"]["scale"] == 0.75 and seg["loss"]["class_weights"] == "auto"
+
+
 def test_stage_configs_are_read_once_when_the_comparison_starts(tmp_path):
     """Editing a stage's YAML while a comparison runs must not change the stages that start later."""
     seg_file, base_file = tmp_path / "seg.yaml", tmp_path / "single.yaml"
