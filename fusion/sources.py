@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from cytocore.detections import Candidates, empty_scores
-from cytocore.errors import CheckpointError
+from cytocore.errors import CheckpointError, CytoFuseError
 from cytocore.hashing import sha256_file
 
 PathLike = Union[str, Path]
@@ -106,7 +106,7 @@ class TwoStageSource:
         try:
             hierarchy = resolve_hierarchy((config.get("fusion") or {}).get("hierarchy", "auto"), names)
         except ValueError as exc:
-            raise CheckpointError(f"config fusion.hierarchy: {exc}") from None
+            raise CytoFuseError(f"config fusion.hierarchy: {exc}") from None
         return cls(seg_checkpoint, segmenter, cls_checkpoint, classifier, settings, hierarchy=hierarchy,
                    seg_score=str(config.get("seg_score", "mean")),
                    batch_size=int((config.get("classification") or {}).get("batch_size", 32)),

@@ -257,3 +257,5 @@ def test_a_k_plus_1_class_unet_gives_its_class_probabilities_to_the_semantic_rul
     with pytest.raises(CytoFuseError, match="needs a K\\+1-class segmentation U-Net") as info:
         Pipeline(checkpoints["seg"], checkpoints["cls"], fused_cfg, classes=NAMES)
     assert "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="the U-Net's classes lack benign, malignant"):
+        Pipeline(checkpoints["seg_classes"], checkpoints["cls_other"], low)
