@@ -19,6 +19,7 @@ PathLike = Union[str, Path]
 def training_proposals(seg_checkpoint: PathLike, dataset: Dataset, split: str, infer_cfg: Mapping[str, Any],
                        out_dir: PathLike, progress: bool = True) -> Path:
     """Segment the ``split`` images into ``out_dir`` (resumable); returns ``out_dir/instances.csv``."""
+    from fusion.sources import two_stage_postprocess
     from segmentation.predict import predict_folder
 
     from .runkit import link_split_images
@@ -26,8 +27,6 @@ def training_proposals(seg_checkpoint: PathLike, dataset: Dataset, split: str, i
     out = Path(out_dir)
     images = link_split_images(dataset, split, out / "images")
     seg = dict(infer_cfg.get("segmentation") or {})
-    # the two-stage source decodes a K+1-class U-Net by its whole foreground (fusion.sources); a binary one ignores it
-    post = {**dict(seg.get("postprocess") or {}), "multiclass": "foreground"}
-    predict_folder(seg_checkpoint, images, out, seg.get("predict") or None, post,
+    predict_folder(seg_checkpoint, images, out, seg.get("predict") or None, two_stage_postprocess(seg.get("postprocess")),
                    progress=progress, max_pixels=infer_cfg.get("max_pixels"))
     return out / "instances.csv"

@@ -21,6 +21,14 @@ from cytocore.hashing import sha256_file
 PathLike = Union[str, Path]
 
 
+def two_stage_postprocess(postprocess: Mapping[str, Any]) -> dict:
+    """The post-processing the two-stage system decodes a U-Net with: a K+1-class one by its whole
+    foreground (splitting a cell where the U-Net's class changes would cut it); a binary one ignores it.
+    The classifier's training proposals (``experiments.proposals_stage``) use it too, so it learns the
+    objects inference will show it."""
+    return {**dict(postprocess or {}), "multiclass": "foreground"}
+
+
 def checkpoint_identity(path: Path, model: Any) -> dict:
     """Path, sha256 and metadata of one loaded checkpoint (for ``run.json`` and the resume fingerprint)."""
     return {"path": str(path), "sha256": sha256_file(path), "meta": _json_safe(getattr(model, "meta", {}))}
@@ -61,7 +69,7 @@ class TwoStageSource:
 
     def __init__(self, seg_path: PathLike, segmenter: Any, cls_path: PathLike, classifier: Any, seg_settings: Any,
                  seg_score: str = "mean", batch_size: int = 32, scale_config: Optional[Mapping[str, Any]] = None,
-                 hierarchy: Optional[Mapping[str, Sequence[str]]] = None) -> None:
+                 hierarchy: Union[None, str, Mapping[str, Sequence[str]]] = None) -> None:
         self.seg_path, self.cls_path = Path(seg_path), Path(cls_path)
         self.segmenter, self.classifier = segmenter, classifier
         self.class_names: list[str] = list(classifier.class_names)
@@ -71,10 +79,10 @@ class TwoStageSource:
             if missing:
                 raise CheckpointError(f"{seg_path}: the U-Net's classes lack {', '.join(missing)}, which the classifier "
                                       f"{cls_path} predicts; use a U-Net trained on the classifier's classes")
-            post = {**seg_settings.postprocess, "multiclass": "foreground"}
-            seg_settings = dataclasses.replace(seg_settings, postprocess=post)
+            seg_settings = dataclasses.replace(seg_settings, postprocess=two_stage_postprocess(seg_settings.postprocess))
         self.seg_settings = seg_settings
-        self.hierarchy = {k: list(v) for k, v in (hierarchy or {}).items()}
+        # only a K+1-class U-Net's probabilities are made multi-hot: a binary one leaves the hierarchy to the rule
+        self.hierarchy = self._hierarchy(hierarchy) if self.semantic else {}
         self.seg_score = seg_score
         self.batch_size = int(batch_size)
         self._checkpoints: Optional[dict] = None
@@ -100,14 +108,9 @@ class TwoStageSource:
                     f"{cls_checkpoint}: the classifier predicts classes {', '.join(names)} but "
                     f"{', '.join(expected)} were expected (--classes); use a classifier trained on those classes"
                 )
-        from .rules import resolve_hierarchy
-
         settings = resolve_settings(segmenter, config.get("segmentation"), "config segmentation")
-        try:
-            hierarchy = resolve_hierarchy((config.get("fusion") or {}).get("hierarchy", "auto"), names)
-        except ValueError as exc:
-            raise CytoFuseError(f"config fusion.hierarchy: {exc}") from None
-        return cls(seg_checkpoint, segmenter, cls_checkpoint, classifier, settings, hierarchy=hierarchy,
+        return cls(seg_checkpoint, segmenter, cls_checkpoint, classifier, settings,
+                   hierarchy=(config.get("fusion") or {}).get("hierarchy", "auto"),
                    seg_score=str(config.get("seg_score", "mean")),
                    batch_size=int((config.get("classification") or {}).get("batch_size", 32)),
                    scale_config={"mpp": config.get("mpp"), "scale": config.get("scale"),
@@ -138,6 +141,14 @@ class TwoStageSource:
         timings["classify"] = timings.get("classify", 0.0) + (t2 - t1)
         return Candidates(seg.probability, boxes, seg.scores(self.seg_score), seg.areas(), probs, instances=seg.instances,
                           labels=seg.labels, info=input_record(image, choice), seg_class_probs=self.unet_class_probs(seg))
+
+    def _hierarchy(self, spec: Union[None, str, Mapping[str, Sequence[str]]]) -> dict[str, list[str]]:
+        from .rules import resolve_hierarchy
+
+        try:
+            return resolve_hierarchy(spec, self.class_names)
+        except ValueError as exc:
+            raise CytoFuseError(f"config fusion.hierarchy: {exc}") from None
 
     def unet_class_probs(self, seg: Any) -> Optional[np.ndarray]:
         """``(N, K)`` the U-Net's own mean class probabilities per object, in the classifier's class order
