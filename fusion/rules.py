@@ -290,7 +290,8 @@ def fitted_features(name: str, seg: np.ndarray, cls: np.ndarray, geometry: Optio
         if seg_class is None:
             raise ValueError(f"the {name} fusion rule needs a K+1-class segmentation U-Net (targets.mode: classes): "
                              "this one gives no class probabilities")
-        u = np.asarray(seg_class, np.float64).reshape(len(out), -1)
+        u = np.asarray(seg_class, np.float64)
+        u = u.reshape(len(out), u.shape[-1] if u.ndim == 2 else -1)  # (0, K) for an image without objects
         if u.shape[1] != out.shape[1]:
             raise ValueError(f"the U-Net gave {u.shape[1]} class probabilities but the classifier {out.shape[1]}")
         out = np.concatenate([out, logit(u)[..., None]], axis=2)

@@ -72,3 +72,9 @@ def test_fit_fusion_offers_the_semantic_rule_only_with_unet_class_probabilities(
     assert {p["n"] for p in report["semantic_shape_fit"]["logistic"].values()} == {n_rows}
     rows = [r for r in report["results"] if r["rule"] == "semantic_shape"]
     assert len(rows) == 1 and "cross-fitted" in rows[0]["description"] and rows[0]["accuracy"] is not None
+
+
+def test_semantic_shape_rule_scores_an_image_without_objects():
+    coef = {c: {"coef": [0.5, 0.5, 0.0, 0.0, 0.0, 1.0], "intercept": 0.0} for c in TWO}
+    rule = FusionRule.from_config({"rule": "semantic_shape", "logistic": coef}, TWO)
+    assert fuse_scores(np.zeros(0), np.zeros((0, 2)), rule, TWO, np.zeros((0, 2)), np.zeros((0, 2))).shape == (0, 2)
