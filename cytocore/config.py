@@ -31,23 +31,57 @@ def read_yaml(path: PathLike) -> dict:
     return data
 
 
+class FreeForm(dict):
+    """A section whose default is empty (``{}`` or ``None``): it takes any keys, in the merge that fills
+    it and in every later one.
+
+    Without the mark, the first layer that fills such a section (a seg config's ``postprocess:
+    {min_area: 12}``) would become the known keys of every later layer, so ``--set
+    postprocess.threshold=0.4`` or a compare override would be refused as unknown. The consumer of the
+    section (e.g. ``segmentation.postprocess.postprocess_config``) checks its keys itself.
+    """
+
+
 def merge(base: dict, override: dict, source: str = "<config>", strict: bool = True, _prefix: str = "") -> dict:
     """Deep-merge ``override`` into a copy of ``base``; with ``strict``, keys not in ``base`` are errors.
 
-    Sections whose default is an empty mapping or ``None`` accept any keys (free-form options).
+    Sections whose default is an empty mapping or ``None`` accept any keys (free-form options), also
+    after a layer has filled them in (:class:`FreeForm`).
     """
+    free = isinstance(base, FreeForm)
     out = copy.deepcopy(base)
     for key, value in override.items():
         name = f"{_prefix}{key}"
-        if strict and key not in base:
+        if strict and not free and key not in base:
             known = ", ".join(sorted(map(str, base))) or "none"
             raise CytoFuseError(f"{source}: unknown option {name!r} (known here: {known})")
         current = base.get(key)
         if isinstance(current, dict) and current and isinstance(value, dict):
             out[key] = merge(current, value, source, strict, f"{name}.")
+        elif isinstance(value, dict) and (free or (key in base and current in (None, {}))):
+            out[key] = _free_form(value)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _free_form(section: dict) -> FreeForm:
+    """A copy of ``section`` with it and every mapping inside it marked free-form."""
+    return FreeForm({k: _free_form(v) if isinstance(v, dict) else copy.deepcopy(v) for k, v in section.items()})
+
+
+def plain(cfg: Any) -> Any:
+    """``cfg`` with the free-form marks dropped: plain dicts, for YAML and for comparing with a read-back file."""
+    if isinstance(cfg, dict):
+        return {k: plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [plain(v) for v in cfg]
+    return cfg
+
+
+def dump_yaml(cfg: dict) -> str:
+    """A config as YAML, in its own key order (``yaml.safe_dump`` refuses the :class:`FreeForm` marks)."""
+    return yaml.safe_dump(plain(cfg), sort_keys=False)
 
 
 def parse_overrides(pairs: Iterable[str]) -> dict:

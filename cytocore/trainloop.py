@@ -293,9 +293,9 @@ def _resume_state(state_path: Path, saved: dict, last_path: Path, log_path: Path
 def _snapshot_config(out: Path, config: Optional[dict]) -> None:
     if config is None:
         return
-    import yaml
+    from .config import dump_yaml
 
-    write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    write_text(out / "config.yaml", dump_yaml(config))
 
 
 @dataclass

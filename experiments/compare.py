@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from cytocore.atomic import write_json, write_text
-from cytocore.config import load_config
+from cytocore.config import dump_yaml, load_config
 from cytocore.errors import CytoFuseError, DataError
 from cytocore.hashing import sha256_file
 from cytocore.records import Dataset
@@ -191,9 +191,7 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     cfg = freeze_stage_configs(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import yaml
-
-    write_text(out / "compare_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    write_text(out / "compare_config.yaml", dump_yaml(cfg))
     systems = list(cfg["systems"])
     if systems == [CLASSIFIER]:
         return run_classifier_only(cfg, out)

@@ -343,7 +343,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     shrink, and fit the image-level triage model; only images of ``split`` are ever read."""
     from fusion.pipeline import DetectSettings
     from fusion.geometry import cell_geometry
-    from fusion.rules import FITTED, SEMANTIC_RULES, fit_image_rule
+    from fusion.rules import FITTED, SEMANTIC_RULES, FitImage, fit_image_rule
 
     if metric not in METRICS:
         raise ValueError(f"fusion fit metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -371,8 +371,8 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
     all_ids = [r.image_id for r in records]
     geometry = {r.image_id: cell_geometry(cands[r.image_id].boxes, cands[r.image_id].object_area, r.width, r.height)
                 for r in records}
-    per_image = lambda ids: [(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), geometry[i], targets[i],  # noqa: E731
-                              cands[i].seg_class_probs) for i in ids]
+    per_image = lambda ids: [FitImage(cands[i].seg_scores, cands[i].cls_probs.reshape(-1, len(names)), geometry[i],  # noqa: E731
+                                      targets[i], cands[i].seg_class_probs) for i in ids]
     # the semantic rules read a K+1-class U-Net's class probabilities: offered only when every candidate has them
     semantic = all(cands[i].seg_class_probs is not None for i in all_ids)
     rules_to_fit = [name for name in FITTED if semantic or name not in SEMANTIC_RULES]

@@ -278,9 +278,8 @@ def run_targets_compare(cfg: dict, out_dir: PathLike) -> dict:
     """Train and score the segmentation stage once per target kind; write targets.md and targets.json."""
     import time
 
-    import yaml
-
     from cytocore.atomic import write_text
+    from cytocore.config import dump_yaml
     from segmentation.pseudo_masks import target_agreement
 
     from .baseline import train_unet
@@ -289,7 +288,7 @@ def run_targets_compare(cfg: dict, out_dir: PathLike) -> dict:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "targets_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    write_text(out / "targets_config.yaml", dump_yaml(cfg))
     t, d = cfg["targets"], cfg["data"]
     kinds, progress = list(t["kinds"]), bool(cfg["progress"])
     fused = bool(t["fused_eval"])

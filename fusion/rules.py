@@ -45,7 +45,7 @@ NSCLC 0.8; :func:`apply_hierarchy` lifts parents to the max of their children af
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -455,23 +455,35 @@ def fit_logistic_rule(
     return fit_feature_rule("logistic", logistic_features(seg, cls), targets, class_names, l2, hierarchy)
 
 
+class FitImage(NamedTuple):
+    """One validation image's candidates for fitting a rule: what the features are built from.
+
+    A plain ``(seg, cls, geometry, targets)`` tuple is one too; ``seg_class_probs`` (a K+1-class U-Net's
+    ``(N, K)`` class probabilities, or None) only the semantic rules need.
+    """
+
+    seg: np.ndarray  # (N,) segmentation scores
+    cls: np.ndarray  # (N, K) classifier probabilities
+    geometry: Optional[np.ndarray]  # (N, 2) cell geometry, or None for rules without shape features
+    targets: np.ndarray  # (N, K) 0/1 labels of each candidate
+    seg_class_probs: Optional[np.ndarray] = None
+
+
 def fit_image_rule(
     name: str,
-    images: Sequence[tuple],
+    images: Sequence[Union[FitImage, tuple]],
     class_names: Sequence[str],
     k: int = DEFAULT_SPECIMEN_K,
     l2: float = 1e-2,
     hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> FusionRule:
-    """Fit the fitted rule ``name`` on validation images, each ``(seg (N,), cls (N, K), geometry (N, 2)
-    or None, targets (N, K))``, or with a fifth element, the U-Net's ``(N, K)`` class probabilities (or
-    None), which the semantic rules need. Features are built per image (an image's evidence and its
-    median object need all of its candidates), then stacked."""
+    """Fit the fitted rule ``name`` on validation images (:class:`FitImage` each). Features are built per
+    image (an image's evidence and its median object need all of its candidates), then stacked."""
     kk = len(class_names)
-    used = [im for im in images if len(np.asarray(im[0]).reshape(-1))]
-    feats = [fitted_features(name, im[0], im[1], im[2], k, im[4] if len(im) > 4 else None) for im in used]
+    used = [im for im in (FitImage(*im) for im in images) if len(np.asarray(im.seg).reshape(-1))]
+    feats = [fitted_features(name, im.seg, im.cls, im.geometry, k, im.seg_class_probs) for im in used]
     x = np.concatenate(feats) if feats else np.zeros((0, kk, FEATURE_COUNTS[name]))
-    t = np.concatenate([np.asarray(im[3], np.float64).reshape(-1, kk) for im in used]) if used else np.zeros((0, kk))
+    t = np.concatenate([np.asarray(im.targets, np.float64).reshape(-1, kk) for im in used]) if used else np.zeros((0, kk))
     return fit_feature_rule(name, x, t, class_names, l2, hierarchy, specimen_k=k)
 
 
@@ -483,4 +495,4 @@ def fit_specimen_rule(
     hierarchy: Optional[Mapping[str, Sequence[str]]] = None,
 ) -> FusionRule:
     """The specimen rule on images ``(seg, cls, targets)``: :func:`fit_image_rule` without geometry."""
-    return fit_image_rule("specimen", [(s, c, None, t) for s, c, t in images], class_names, k, l2, hierarchy)
+    return fit_image_rule("specimen", [FitImage(s, c, None, t) for s, c, t in images], class_names, k, l2, hierarchy)

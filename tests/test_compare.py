@@ -115,6 +115,16 @@ def test_the_monusac_class_map_variant_resolves():
     assert seg["data"]["scale"] == 0.75 and seg["loss"]["class_weights"] == "auto"
 
 
+def test_a_seg_override_may_set_a_postprocess_key_its_seg_config_left_out(tmp_path):
+    """``seg_monusac.yaml`` fills ``postprocess`` with two keys; a compare ``--set`` of a third one is a
+    valid option (checked by the post-processing itself), not an unknown key."""
+    repo = Path(__file__).resolve().parents[1]
+    cfg = cmp.load_compare_config(repo / "experiments" / "configs" / "monusac.yaml", ["seg.postprocess.threshold=0.4"])
+    seg = stages.seg_stage_config(cfg, tmp_path, 1.0)
+    assert seg["postprocess"]["threshold"] == 0.4 and seg["postprocess"]["min_area"] == 12
+    assert stages.baseline_stage_config(cfg, tmp_path, 1.0)["postprocess"]["threshold"] == 0.4
+
+
 def test_stage_configs_are_read_once_when_the_comparison_starts(tmp_path):
     """Editing a stage's YAML while a comparison runs must not change the stages that start later."""
     seg_file, base_file = tmp_path / "seg.yaml", tmp_path / "single.yaml"

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from cytocore.config import load_config, merge, parse_overrides, set_path
+import yaml
+
+from cytocore.config import dump_yaml, load_config, merge, parse_overrides, set_path
 from cytocore.errors import CytoFuseError
 
 DEFAULTS = {"model": {"depth": 4, "width": 16}, "train": {"epochs": 10}, "extra": {}}
@@ -26,6 +28,23 @@ def test_unknown_key_names_file_and_key(tmp_path):
 
 def test_free_form_sections_take_any_key():
     assert merge(DEFAULTS, {"extra": {"anything": 1}})["extra"] == {"anything": 1}
+
+
+def test_free_form_section_stays_open_after_a_layer_fills_it(tmp_path):
+    """A seg config's ``postprocess: {min_area: 12}`` must not make ``--set postprocess.threshold`` or a
+    compare override (a merge over the merged config) an unknown option."""
+    defaults = {"postprocess": {}, "fusion": {"logistic": None}, "train": {"epochs": 10}}
+    f = tmp_path / "c.yaml"
+    f.write_text("postprocess:\n  min_area: 12\n  nested: {a: 1}\nfusion:\n  logistic: {coef: [1]}\n")
+    cfg = load_config(defaults, f, ["postprocess.threshold=0.4", "postprocess.nested.b=2"])
+    assert cfg["postprocess"] == {"min_area": 12, "nested": {"a": 1, "b": 2}, "threshold": 0.4}
+    later = merge(cfg, {"postprocess": {"markers": "head_peaks"}, "fusion": {"logistic": {"intercept": 0.5}}}, "compare")
+    assert later["postprocess"]["markers"] == "head_peaks"
+    assert later["fusion"]["logistic"] == {"coef": [1], "intercept": 0.5}
+    # the rest stays strict, and the marks never reach a written config
+    with pytest.raises(CytoFuseError, match=r"unknown option 'train.epoch'"):
+        merge(later, {"train": {"epoch": 3}}, "compare")
+    assert yaml.safe_load(dump_yaml(later)) == later
 
 
 def test_invalid_yaml_names_line(tmp_path):
