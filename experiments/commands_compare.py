@@ -28,6 +28,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--no-progress", action="store_true", help="no tqdm bars (phase log lines stay)")
     c.set_defaults(handler=_compare)
 
+    e = sub.add_parser(
+        "ensemble",
+        help="per-class ensemble of a compare run's two systems, chosen on its validation split",
+        description=(
+            "In a `cytofuse compare` run folder that holds both systems: run both on the validation split, keep "
+            "for each class the detections of the system with the higher validation figure (the run's fusion_metric: "
+            "FROC or AP50) and the explanation map (either system's or their mean) with the higher validation AUC, "
+            "write RUN/ensemble.json and RUN/ensemble/ (predictions.csv, saliency/, metrics.json on the test split) "
+            "and print the three systems' test figures. Nothing of the test split enters the choice."
+        ),
+    )
+    e.add_argument("--run", required=True, metavar="DIR", help="the compare run folder (its compare_config.yaml and checkpoints)")
+    e.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    e.set_defaults(handler=_ensemble)
+
     d = sub.add_parser(
         "demo",
         help="everything on synthetic data in one folder: train, compare, report (about 18-19 min on 2 CPU cores)",
@@ -59,6 +74,27 @@ def _compare(args: argparse.Namespace) -> int:
         print(summary_text(results))
     else:
         print(open(results["report"], encoding="utf-8").read())
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cytocore.config import read_yaml
+    from cytocore.errors import CytoFuseError
+
+    from .ensemble import SYSTEM, run_ensemble, score_table
+    from .runkit import prepare_data, score_system
+
+    run = Path(args.run)
+    if not (run / "compare_config.yaml").is_file():
+        raise CytoFuseError(f"{run}: not a compare run folder (no compare_config.yaml)")
+    cfg = read_yaml(run / "compare_config.yaml")
+    ds, _ = prepare_data(cfg, run)
+    folder = run_ensemble(cfg, ds, run, progress=not args.no_progress)
+    score_system(ds, cfg["data"]["test_split"], folder, float(cfg["report"]["mask_threshold"]), [])
+    print(score_table(run, ds.class_names))
+    print(f"wrote {folder} and {run / 'ensemble.json'} ({SYSTEM} chosen on split {cfg['data']['val_split']})")
     return 0
 
 

@@ -46,6 +46,7 @@ from cytocore.records import Dataset
 from .report import budget_text, build_report, classifier_report, report_notes
 from .runkit import (
     CLASSIFIER,
+    ENSEMBLE,
     SINGLE_STAGE,
     SYSTEMS,
     TWO_STAGE,
@@ -86,6 +87,8 @@ def load_compare_config(path: Optional[PathLike] = None, overrides: Iterable[str
 
     if cfg["fusion_metric"] not in METRICS:
         raise CytoFuseError(f"{source}: fusion_metric must be one of {', '.join(METRICS)}, got {cfg['fusion_metric']!r}")
+    if cfg["ensemble"] and not {TWO_STAGE, SINGLE_STAGE} <= set(systems):
+        raise CytoFuseError(f"{source}: ensemble: true needs both systems, two-stage and single-stage, in `systems`")
     cfg["systems"] = systems
     return scale_budget(cfg)
 
@@ -123,12 +126,11 @@ def scale_budget(cfg: dict) -> dict:
 # ------------------------------------------------------------------------------------------- phases
 
 
-def phase_names(systems: Sequence[str], fusion_fit: bool, side_by_side: bool = False) -> list[str]:
+def phase_names(systems: Sequence[str], fusion_fit: bool, side_by_side: bool = False, ensemble: bool = False) -> list[str]:
     if systems == [CLASSIFIER]:
         return ["data", "train classifier", "evaluate classifier", "report"]
-    if side_by_side:
-        return ["data", "train and infer side by side", "evaluate", "report"]
-    return ["data"] + system_phase_names(systems, fusion_fit) + ["evaluate", "report"]
+    runs = ["train and infer side by side"] if side_by_side else system_phase_names(systems, fusion_fit)
+    return ["data"] + runs + ([ENSEMBLE] if ensemble else []) + ["evaluate", "report"]
 
 
 def system_phase_names(systems: Sequence[str], fusion_fit: bool) -> list[str]:
@@ -196,7 +198,8 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
     if systems == [CLASSIFIER]:
         return run_classifier_only(cfg, out)
     threads = side_by_side.threads_each(cfg)
-    phases = Phases(phase_names(systems, bool(cfg["fusion_fit"]), side_by_side=threads is not None))
+    phases = Phases(phase_names(systems, bool(cfg["fusion_fit"]), side_by_side=threads is not None,
+                                ensemble=bool(cfg["ensemble"])))
     progress = bool(cfg["progress"])
 
     phases.start("data")
@@ -220,6 +223,13 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
         if SINGLE_STAGE in systems:
             runs.update(run_single_stage(cfg, ds, data_path, out, phases, progress, runs.get("seg"), runs.get("cls")))
         where = None
+    scored = list(systems)
+    if cfg["ensemble"]:
+        from .ensemble import run_ensemble
+
+        phases.start(ENSEMBLE, f"each class from the system that wins it on split {d['val_split']}")
+        run_ensemble(cfg, ds, out, progress)
+        scored.append(ENSEMBLE)
 
     phases.start("evaluate", f"split {d['test_split']}")
     test_records = ds.subset(split=d["test_split"]).records
@@ -233,12 +243,10 @@ def run_compare(cfg: Mapping[str, Any], out_dir: PathLike) -> dict:
         "notes": [],
         "config": cfg,
     }
-    for system in systems:
+    for system in scored:
         sysres = score_system(ds, d["test_split"], out / system, float(cfg["report"]["mask_threshold"]), overlay_ids)
-        if system == TWO_STAGE:
-            sysres["train_minutes"] = round(runs["seg"]["minutes"] + runs["cls"]["minutes"], 3)
-        else:
-            sysres["train_minutes"] = round(runs["baseline"]["minutes"], 3)
+        minutes = {TWO_STAGE: ("seg", "cls"), SINGLE_STAGE: ("baseline",), ENSEMBLE: ("seg", "cls", "baseline")}[system]
+        sysres["train_minutes"] = round(sum(runs[k]["minutes"] for k in minutes), 3)
         results["systems"][system] = sysres
     results["notes"] = report_notes(results, runs, systems, cfg)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from cytocore.atomic import write_json, write_text, write_with
 
-from .runkit import SINGLE_STAGE, TWO_STAGE
+from .runkit import ENSEMBLE, SINGLE_STAGE, TWO_STAGE
 
 PathLike = Union[str, Path]
 
@@ -161,10 +161,11 @@ def plot_froc_curves(results: dict, out_dir: PathLike) -> list[Path]:
 
 
 def side_by_side(results: dict, out_dir: PathLike, limit: int = 4) -> list[Path]:
-    """Put each system's overlay of the same image next to each other, labelled."""
+    """Put each system's overlay of the same image next to each other, labelled (systems that draw
+    none, such as the ensemble, are left out)."""
     from PIL import Image, ImageDraw
 
-    names = list(results["systems"])
+    names = [n for n, sysres in results["systems"].items() if sysres.get("overlays")]
     common = None
     for n in names:
         ids = set((results["systems"][n].get("overlays") or {}).keys())
@@ -279,6 +280,10 @@ def report_notes(results: Mapping[str, Any], runs: Mapping[str, dict], systems: 
         notes.append("Single-stage: the segmentation stage's U-Net with K+1 outputs (class-index targets); a box's class "
                      "probabilities are the mean softmax inside its component, a parent class (NSCLC) gets its "
                      "sub-types' mass (the targets paint SCC+NSCLC boxes as SCC); saliency = 1 − p(background).")
+    ensemble = results["systems"].get(ENSEMBLE)
+    if ensemble:
+        notes.append(f"Ensemble: {ensemble.get('fusion')} (`cytofuse ensemble`; its inference runs both systems, its "
+                     "train min is theirs together).")
     notes.append("infer s/image: median per test image of segmentation + classification + fusion (graph compile and "
                  "file writing excluded by the median and the timer); Dice and Rand error: saliency ≥ "
                  f"{cfg['report']['mask_threshold']} against the masks, pooled over test images with a mask.")

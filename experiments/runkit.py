@@ -29,6 +29,8 @@ log = logging.getLogger("cytofuse")
 #: The systems an experiment can train and score.
 TWO_STAGE, SINGLE_STAGE, CLASSIFIER = "two-stage", "single-stage", "classifier"
 SYSTEMS = (TWO_STAGE, SINGLE_STAGE, CLASSIFIER)
+#: The per-class ensemble of the first two (experiments/ensemble.py): scored beside them, not trained.
+ENSEMBLE = "ensemble"
 SYNTH_DEFAULTS = {"images": 100, "seed": 0, "size": 512}
 
 

@@ -178,6 +178,14 @@ def test_phase_names():
     assert cmp.phase_names(["two-stage", "single-stage"], False, side_by_side=True) == [
         "data", "train and infer side by side", "evaluate", "report"]
     assert cmp.phase_names(["classifier"], False)[1] == "train classifier"
+    assert cmp.phase_names(["two-stage", "single-stage"], False, side_by_side=True, ensemble=True) == [
+        "data", "train and infer side by side", "ensemble", "evaluate", "report"]
+
+
+def test_the_ensemble_needs_both_systems():
+    with pytest.raises(CytoFuseError, match="ensemble: true needs both systems"):
+        cmp.load_compare_config(None, ["ensemble=true", "systems=[two-stage]"])
+    assert cmp.load_compare_config(None, ["ensemble=true"])["ensemble"] is True
 
 
 # --------------------------------------------------------------------------------------------- data
