@@ -186,3 +186,28 @@ def test_the_command_on_a_run_folder_writes_the_choice_and_the_test_outputs(tmp_
         assert np.allclose(mine, theirs.loc[theirs[f"p_{c}"] > 0, f"p_{c}"].sort_values().to_numpy(), atol=1e-6)
     assert (run / ens.SYSTEM / "metrics.json").is_file() and (run / ens.SYSTEM / "saliency" / "im3.png").is_file()
     assert yaml.safe_load((run / "compare_config.yaml").read_text())["data"]["path"] == str(tmp_path / "data")
+
+
+def test_the_report_shows_the_ensemble_row_and_keeps_the_overlays_of_the_systems_that_draw_them(tmp_path):
+    from experiments.report import build_report, report_notes
+
+    ds = Dataset(_records(tmp_path / "data"), NAMES)
+    folders = {TWO_STAGE: tmp_path / "R" / TWO_STAGE, SINGLE_STAGE: tmp_path / "R" / SINGLE_STAGE}
+    _outputs(folders[TWO_STAGE], ds.records, "A", level=0)
+    _outputs(folders[SINGLE_STAGE], ds.records, "B", level=100)
+    for f in folders.values():
+        (f / "overlays").mkdir()
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(f / "overlays" / "im0.png")
+    choice = ens.EnsembleChoice({"A": TWO_STAGE, "B": SINGLE_STAGE}, ens.MEAN_MAP)
+    ens.write_ensemble(folders, choice, NAMES, [r.image_id for r in ds.records], tmp_path / "R" / ens.SYSTEM)
+    systems = {s: {**score_system(ds, "test", tmp_path / "R" / s, 0.5, ["im0"]), "train_minutes": 1.0}
+               for s in (TWO_STAGE, SINGLE_STAGE, ens.SYSTEM)}
+    assert systems[ens.SYSTEM]["overlays"] == {} and systems[ens.SYSTEM]["fusion"] == choice.describe()
+    results = {"dataset": {"name": "tiny", "path": "x", "split": "test", "n_images": 4, "n_boxes": 8, "n_healthy": 0,
+                           "splits": {"test": 4}, "split_seed": 0},
+               "seed": 0, "budget": "b", "systems": systems}
+    notes = report_notes(results, {}, [TWO_STAGE, SINGLE_STAGE], {"report": {"mask_threshold": 0.5}})
+    assert any(n.startswith("Ensemble: per-class ensemble chosen on val: A from two-stage, B from single-stage") for n in notes)
+    text = build_report(results, tmp_path / "report").read_text()
+    assert "| ensemble |" in text
+    assert (tmp_path / "report" / "overlay_im0.png").is_file()  # the two systems' overlays, side by side
