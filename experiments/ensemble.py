@@ -79,9 +79,10 @@ def merge_predictions(frames: Mapping[str, pd.DataFrame], choice: EnsembleChoice
                       class_names: Sequence[str]) -> pd.DataFrame:
     """The challenge rows of both systems, each keeping only the scores of the classes it was chosen
     for (the others 0); rows left with no score are dropped. Per class the rows scored above 0 are
-    exactly the chosen system's, so that class's FROC and AP50 are that system's. (The official metric
-    counts a 0 as a score: the other system's rows enter at the last threshold, which moves the FROC
-    only when the chosen system's own curve ends below 8 false positives per image.)"""
+    exactly the chosen system's, so that class's FROC is that system's. (The official metric counts a
+    0 as a score: the other system's rows enter at the last threshold, which moves the FROC only when
+    the chosen system's own curve ends below 8 false positives per image. AP50 takes them in too, as
+    its lowest-ranked detections, so the ensemble's AP50 of a class is not the chosen system's.)"""
     cols = [f"p_{c}" for c in class_names]
     parts = []
     for system in (TWO_STAGE, SINGLE_STAGE):
