@@ -211,3 +211,25 @@ def test_the_report_shows_the_ensemble_row_and_keeps_the_overlays_of_the_systems
     text = build_report(results, tmp_path / "report").read_text()
     assert "| ensemble |" in text
     assert (tmp_path / "report" / "overlay_im0.png").is_file()  # the two systems' overlays, side by side
+
+
+def test_without_masks_the_choice_is_by_ap50_and_the_two_stage_map_is_kept(tmp_path):
+    """BCCD-like data: boxes only, judged by AP50; no map can be scored, so the design's own is written."""
+    records = _records(tmp_path / "data")
+    for r in records:
+        r.mask_path = None
+    ds = Dataset(records, NAMES)
+    folders = {TWO_STAGE: tmp_path / "R" / TWO_STAGE, SINGLE_STAGE: tmp_path / "R" / SINGLE_STAGE}
+    _outputs(folders[TWO_STAGE], ds.records, "A", level=0)
+    _outputs(folders[SINGLE_STAGE], ds.records, "B", level=100)
+    figures = {s: ens.per_class_figures(ds, "test", f, "ap50") for s, f in folders.items()}
+    assert figures[TWO_STAGE]["A"] > figures[SINGLE_STAGE]["A"] and figures[SINGLE_STAGE]["B"] > figures[TWO_STAGE]["B"]
+    aucs = ens.map_aucs(ds.records, folders)
+    assert aucs == {m: None for m in ens.MAPS}
+    choice = ens.choose(figures, NAMES, aucs)
+    assert choice == ens.EnsembleChoice({"A": TWO_STAGE, "B": SINGLE_STAGE}, TWO_STAGE)
+    out = ens.write_ensemble(folders, choice, NAMES, [r.image_id for r in ds.records], tmp_path / "R" / ens.SYSTEM)
+    scored = score_system(ds, "test", out, 0.5, [])
+    assert scored["segmentation"] is None and scored["metrics"]["explainability_auc"] is None
+    assert np.array_equal(np.asarray(Image.open(out / "saliency" / "im0.png")),
+                          np.asarray(Image.open(folders[TWO_STAGE] / "saliency" / "im0.png")))
