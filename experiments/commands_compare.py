@@ -93,7 +93,7 @@ def _ensemble(args: argparse.Namespace) -> int:
     ds, _ = prepare_data(cfg, run)
     folder = run_ensemble(cfg, ds, run, progress=not args.no_progress)
     score_system(ds, cfg["data"]["test_split"], folder, float(cfg["report"]["mask_threshold"]), [])
-    print(score_table(run, ds.class_names))
+    print(score_table(run))
     print(f"wrote {folder} and {run / 'ensemble.json'} ({SYSTEM} chosen on split {cfg['data']['val_split']})")
     return 0
 

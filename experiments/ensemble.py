@@ -191,7 +191,8 @@ def checkpoints(run: Path) -> dict[str, Path]:
     return paths
 
 
-def validation_outputs(cfg: Mapping[str, Any], ds: Dataset, run: Path, progress: bool) -> dict[str, Path]:
+def validation_outputs(cfg: Mapping[str, Any], ds: Dataset, run: Path, ck: Mapping[str, Path],
+                       progress: bool) -> dict[str, Path]:
     """Both systems' outputs on the validation images (resumed: images done with the same
     checkpoints and config are skipped)."""
     from fusion.pipeline import Pipeline
@@ -200,7 +201,6 @@ def validation_outputs(cfg: Mapping[str, Any], ds: Dataset, run: Path, progress:
     from .runkit import link_split_images
     from .stages import infer_config
 
-    ck = checkpoints(run)
     images = link_split_images(ds, cfg["data"]["val_split"], run / "val_images")
     folders = system_folders(run, "val")
     fusion_file = run / "fusion.json" if cfg.get("fusion_fit") and (run / "fusion.json").is_file() else None
@@ -216,43 +216,33 @@ def validation_outputs(cfg: Mapping[str, Any], ds: Dataset, run: Path, progress:
 def fit_ensemble(cfg: Mapping[str, Any], ds: Dataset, run: Path, progress: bool = True) -> EnsembleChoice:
     """Choose per class and the map on the validation split; write ``R/ensemble.json``."""
     split, metric = cfg["data"]["val_split"], str(cfg.get("fusion_metric", "accuracy"))
-    folders = validation_outputs(cfg, ds, run, progress)
+    ck = checkpoints(run)
+    folders = validation_outputs(cfg, ds, run, ck, progress)
     figures = {s: per_class_figures(ds, split, folders[s], metric) for s in folders}
     aucs = map_aucs(ds.subset(split=split).records, folders)
     choice = choose(figures, ds.class_names, aucs)
     write_json(run / "ensemble.json", {**choice.to_dict(), "split": split, "metric": metric,
                                        "validation": {"per_class": figures, "map_auc": aucs},
-                                       "checkpoints": {k: str(v) for k, v in checkpoints(run).items()}})
+                                       "checkpoints": {k: str(v) for k, v in ck.items()}})
     log.info("    %s", choice.describe())
     return choice
 
 
 def run_ensemble(cfg: Mapping[str, Any], ds: Dataset, run: Path, progress: bool = True) -> Path:
     """Fit the ensemble on val and write its test outputs from both systems' ``R/<system>/``."""
-    choice = fit_ensemble(cfg, ds, run, progress)
-    records = ds.subset(split=cfg["data"]["test_split"]).records
     folders = system_folders(run)
-    for s, f in folders.items():
+    for s, f in folders.items():  # before the val inference, which the missing outputs would waste
         if not (f / "run.json").is_file():
             raise CytoFuseError(f"{f}: the {s} system has no finished test outputs (run `cytofuse compare` first)")
+    choice = fit_ensemble(cfg, ds, run, progress)
+    records = ds.subset(split=cfg["data"]["test_split"]).records
     return write_ensemble(folders, choice, ds.class_names, [r.image_id for r in records], run / SYSTEM)
 
 
-def score_table(run: Path, class_names: Sequence[str], systems: Sequence[str] = (TWO_STAGE, SINGLE_STAGE, SYSTEM)) -> str:
-    """The systems' test figures side by side (from each ``R/<system>/metrics.json``), as markdown."""
-    head = ["system", "accuracy", *[f"FROC {c}" for c in class_names], "mean AP50", "explainability AUC", "model score"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def score_table(run: Path, systems: Sequence[str] = (TWO_STAGE, SINGLE_STAGE, SYSTEM)) -> str:
+    """The systems' test figures side by side (from each ``R/<system>/metrics.json``), as the report's table."""
+    from .report import markdown_table, summary_rows
 
-    def fmt(v: Any) -> str:
-        return "–" if v is None else f"{float(v):.3f}"
-
-    for s in systems:
-        path = run / s / "metrics.json"
-        if not path.is_file():
-            continue
-        m = json.loads(path.read_text(encoding="utf-8"))
-        ap = [v for v in (m.get("ap50") or {}).values() if v is not None]
-        row = [s, fmt(m.get("accuracy")), *[fmt((m.get("froc") or {}).get(c)) for c in class_names],
-               fmt(np.mean(ap) if ap else None), fmt(m.get("explainability_auc")), fmt(m.get("model_score"))]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    scored = {s: {"metrics": json.loads((run / s / "metrics.json").read_text(encoding="utf-8"))}
+              for s in systems if (run / s / "metrics.json").is_file()}
+    return markdown_table(summary_rows({"systems": scored}))

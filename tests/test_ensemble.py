@@ -233,3 +233,11 @@ def test_without_masks_the_choice_is_by_ap50_and_the_two_stage_map_is_kept(tmp_p
     assert scored["segmentation"] is None and scored["metrics"]["explainability_auc"] is None
     assert np.array_equal(np.asarray(Image.open(out / "saliency" / "im0.png")),
                           np.asarray(Image.open(folders[TWO_STAGE] / "saliency" / "im0.png")))
+
+
+def test_missing_test_outputs_are_reported_before_any_validation_inference(tmp_path):
+    ds = Dataset(_records(tmp_path / "data"), NAMES)
+    cfg = {"data": {"val_split": "val", "test_split": "test"}}
+    with pytest.raises(CytoFuseError, match=r"two-stage system has no finished test outputs"):
+        ens.run_ensemble(cfg, ds, tmp_path / "R", progress=False)
+    assert not (tmp_path / "R" / "val_images").exists() and not (tmp_path / "R" / "val").exists()
