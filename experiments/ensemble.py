@@ -104,31 +104,43 @@ def mean_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def map_of(choice: str, folders: Mapping[str, Path], image_id: str) -> np.ndarray:
     """Image ``image_id``'s explanation map under ``choice`` (one of :data:`MAPS`)."""
+    if choice == MEAN_MAP:
+        return mean_map(read_map(folders, TWO_STAGE, image_id), read_map(folders, SINGLE_STAGE, image_id))
+    return read_map(folders, choice, image_id)
+
+
+def read_map(folders: Mapping[str, Path], system: str, image_id: str) -> np.ndarray:
+    """One system's saved explanation map; a missing one is a one-line error naming the file."""
     from cytocore.imageio import read_mask
 
-    def read(system: str) -> np.ndarray:
-        path = folders[system] / "saliency" / f"{image_id}.png"
-        if not path.is_file():
-            raise DataError(f"{path}: saliency map missing for image {image_id!r}")
-        return read_mask(path, max_pixels=None)
-
-    if choice == MEAN_MAP:
-        return mean_map(read(TWO_STAGE), read(SINGLE_STAGE))
-    return read(choice)
+    path = folders[system] / "saliency" / f"{image_id}.png"
+    if not path.is_file():
+        raise DataError(f"{path}: saliency map missing for image {image_id!r}")
+    return read_mask(path, max_pixels=None)
 
 
 def map_aucs(records: Sequence[Any], folders: Mapping[str, Path]) -> dict[str, Optional[float]]:
-    """Each candidate map's explainability AUC (the official per-image mean) on ``records``."""
+    """Each candidate map's explainability AUC (the official per-image mean) on ``records``.
+
+    One image at a time: its mask and the two systems' maps are read once and scored under every
+    candidate, so memory holds one image's maps, not the split's.
+    """
     from cytocore.imageio import read_mask
 
     from .explain_auc import explainability_auc
 
-    with_mask = [r for r in records if r.mask_path is not None and Path(r.mask_path).is_file()]
-    out: dict[str, Optional[float]] = {}
-    for m in MAPS:
-        pairs = ((r.image_id, read_mask(r.mask_path, max_pixels=None), map_of(m, folders, r.image_id)) for r in with_mask)
-        out[m] = explainability_auc(pairs).auc if with_mask else None
-    return out
+    per_image: dict[str, list[float]] = {m: [] for m in MAPS}
+    for r in records:
+        if r.mask_path is None or not Path(r.mask_path).is_file():
+            continue
+        mask = read_mask(r.mask_path, max_pixels=None)
+        maps = {s: read_map(folders, s, r.image_id) for s in (TWO_STAGE, SINGLE_STAGE)}
+        maps[MEAN_MAP] = mean_map(maps[TWO_STAGE], maps[SINGLE_STAGE])
+        for m in MAPS:
+            auc = explainability_auc([(r.image_id, mask, maps[m])]).auc
+            if auc is not None:
+                per_image[m].append(auc)
+    return {m: (float(np.mean(v)) if v else None) for m, v in per_image.items()}
 
 
 def per_class_figures(ds: Dataset, split: str, folder: Path, metric: str) -> dict[str, Optional[float]]:

@@ -12,8 +12,10 @@ import yaml
 from PIL import Image
 
 from cytocore.errors import CytoFuseError
+from cytocore.imageio import read_mask
 from cytocore.records import Dataset, ImageRecord
 from experiments import ensemble as ens
+from experiments.explain_auc import explainability_auc
 from experiments.runkit import SINGLE_STAGE, TWO_STAGE, score_system
 
 NAMES = ["A", "B"]
@@ -241,3 +243,23 @@ def test_missing_test_outputs_are_reported_before_any_validation_inference(tmp_p
     with pytest.raises(CytoFuseError, match=r"two-stage system has no finished test outputs"):
         ens.run_ensemble(cfg, ds, tmp_path / "R", progress=False)
     assert not (tmp_path / "R" / "val_images").exists() and not (tmp_path / "R" / "val").exists()
+
+
+def test_map_aucs_are_the_official_per_image_mean_of_each_candidate_map(tmp_path):
+    ds = Dataset(_records(tmp_path / "data"), NAMES)
+    folders = {TWO_STAGE: tmp_path / "R" / TWO_STAGE, SINGLE_STAGE: tmp_path / "R" / SINGLE_STAGE}
+    _outputs(folders[TWO_STAGE], ds.records, "A", level=0)
+    _outputs(folders[SINGLE_STAGE], ds.records, "B", level=100)
+    rng = np.random.default_rng(0)
+    for system, folder in folders.items():  # noisy maps, a different quality per system and image
+        for r in ds.records:
+            sal = rng.integers(0, 256, (32, 32)).astype(np.uint8)
+            sal[4:12, 4:12] = np.maximum(sal[4:12, 4:12], 120 if system == TWO_STAGE else 60)
+            Image.fromarray(sal).save(folder / "saliency" / f"{r.image_id}.png")
+    ds.records[3].mask_path = None  # an image without a mask is left out, not scored as empty
+    aucs = ens.map_aucs(ds.records, folders)
+    for m in ens.MAPS:
+        pairs = [(r.image_id, read_mask(r.mask_path, max_pixels=None), ens.map_of(m, folders, r.image_id))
+                 for r in ds.records[:3]]
+        assert aucs[m] == pytest.approx(explainability_auc(pairs).auc)
+    assert len({round(v, 6) for v in aucs.values()}) == 3
