@@ -122,8 +122,8 @@ def read_map(folders: Mapping[str, Path], system: str, image_id: str) -> np.ndar
 def map_aucs(records: Sequence[Any], folders: Mapping[str, Path]) -> dict[str, Optional[float]]:
     """Each candidate map's explainability AUC (the official per-image mean) on ``records``.
 
-    One image at a time: its mask and the two systems' maps are read once and scored under every
-    candidate, so memory holds one image's maps, not the split's.
+    Image by image, its mask and the two systems' maps are read once and scored under every candidate
+    (the mean map is made from the two already read), instead of one pass over the split per candidate.
     """
     from cytocore.imageio import read_mask
 
