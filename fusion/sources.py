@@ -25,7 +25,7 @@ def two_stage_postprocess(postprocess: Mapping[str, Any]) -> dict:
     """The post-processing the two-stage system decodes a U-Net with: a K+1-class one by its whole
     foreground (splitting a cell where the U-Net's class changes would cut it); a binary one ignores it.
     The classifier's training proposals (``experiments.proposals_stage``) use it too, so it learns the
-    objects inference will show it."""
+    objects inference will show it. A hypothesis may still read the class maps ``per_class``."""
     return {**dict(postprocess or {}), "multiclass": "foreground"}
 
 

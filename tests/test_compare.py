@@ -36,7 +36,9 @@ def test_single_stage_infer_overlays_infer_for_the_baseline_only():
     cfg = cmp.load_compare_config(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "bccd.yaml")
     two = stages.infer_config(cfg)
     one = stages.infer_config(cfg, single_stage=True)
-    assert [h["min_distance"] for h in two["segmentation"]["postprocess"]["hypotheses"]] == [20, 80]
+    assert two["segmentation"]["postprocess"]["hypotheses"] == [{"min_distance": 20}, {"min_distance": 80},
+                                                               {"multiclass": "per_class"},
+                                                               {"multiclass": "per_class", "min_distance": 14}]
     assert two["nms"]["containment"] is None
     assert one["segmentation"]["postprocess"]["hypotheses"] == [] and one["nms"]["containment"] == 0.8
     assert one["nms"]["iou"] == two["nms"]["iou"] and one["score_floor"] == two["score_floor"]

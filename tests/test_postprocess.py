@@ -228,6 +228,23 @@ def test_hypotheses_in_blocks_and_for_class_maps():
     np.testing.assert_allclose(probs.to_numpy(), [[0.7, 0.3]] * 4, atol=1e-6)
 
 
+def test_a_per_class_hypothesis_adds_the_class_pure_cells_of_a_foreground_reading():
+    # a platelet (class a) touching a red cell (class b): the whole foreground, unsplit, is one object;
+    # the per-class reading of the same maps, offered as a hypothesis, adds each cell's own box
+    shape = (100, 200)
+    a, b = disc(shape, 50, 45, 16), disc(shape, 50, 72, 16)
+    b &= ~a
+    maps = np.stack([1.0 - 0.9 * (a | b), 0.9 * a, 0.9 * b]).astype(np.float32)
+    cfg = {"multiclass": "foreground", "split": "none"}
+    merged, _ = find_class_instances(maps, ["a", "b"], cfg)
+    assert len(merged) == 1
+    inst, probs = find_class_instances(maps, ["a", "b"], {**cfg, "hypotheses": [{"multiclass": "per_class"}]})
+    assert len(inst) == len(probs) == 3 and list(inst.label_id) == [1, 0, 0]
+    assert list(inst.class_name[1:]) == ["a", "b"]
+    assert (inst.x0[1], inst.x1[1]) == (29, 62) and inst.x1[2] == 89  # each cell's own extent
+    np.testing.assert_allclose(probs.iloc[1:].to_numpy(), [[0.9, 0.0], [0.0, 0.9]], atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"min_distance": 20}, "must be a list"),
     ([{}], r"hypotheses\[0\] must be a mapping"),
