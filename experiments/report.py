@@ -151,7 +151,8 @@ def plot_froc_curves(results: dict, out_dir: PathLike) -> list[Path]:
         ax.set_xlabel("false positives per image")
         ax.set_ylabel("recall")
         ax.set_title(f"FROC — {c}")
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # a class no system has a curve for gets an empty plot, no legend
+            ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         path = out_dir / f"froc_{c}.png"
         write_with(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
