@@ -33,7 +33,7 @@ def test_shipped_configs_are_valid(path, tmp_path):
     if cfg["systems"] != ["classifier"]:
         seg = cmp.seg_stage_config(cfg, tmp_path, 1.0)
         base = cmp.baseline_stage_config(cfg, tmp_path, 2.0, epochs=3)
-        # the two-stage U-Net may have K+1 class maps too (bccd.yaml); the baseline must
+        # the two-stage U-Net may have K+1 class maps too (bccd.yaml); the baseline must have them
         assert seg["targets"]["mode"] in ("binary", "classes") and base["targets"]["mode"] == "classes"
         assert base["model"] == seg["model"], "the baseline must be the segmentation stage's U-Net"
         for stage in (seg, base):  # monitor, box metric, sizes: what seg train would refuse after minutes of setup
