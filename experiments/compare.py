@@ -40,7 +40,6 @@ import numpy as np
 from cytocore.atomic import write_json, write_text
 from cytocore.config import dump_yaml, load_config
 from cytocore.errors import CytoFuseError, DataError
-from cytocore.hashing import sha256_file
 from cytocore.records import Dataset
 
 from .report import budget_text, build_report, classifier_report, report_notes
@@ -324,19 +323,19 @@ def _warn_failed(system: str, summary: Mapping[str, Any]) -> None:
 def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Dataset, split: str, path: Path,
                     progress: bool, metric: str = "accuracy") -> Path:
     """``cytofuse fuse fit`` on the val split, once: later runs reuse ``fusion.json`` while the
-    checkpoints it names and the metric it maximised are unchanged."""
+    candidates it was fitted on would be made the same way (checkpoints, post-processing and its
+    hypotheses) and the metric it maximised is unchanged; a new ``infer.segmentation`` setting refits."""
     from fusion.pipeline import Pipeline
 
-    from .fuse_fit import fit_fusion
+    from .fuse_fit import candidates_fingerprint, fit_fusion
 
+    pipe = Pipeline(seg_ckpt, cls_ckpt, icfg, classes=ds.class_names)
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        ck = saved.get("checkpoints") or {}
-        if (ck.get("seg", {}).get("sha256") == sha256_file(seg_ckpt) and ck.get("cls", {}).get("sha256") == sha256_file(cls_ckpt)
-                and saved.get("metric", "accuracy") == metric):
+        if saved.get("candidates_fingerprint") == candidates_fingerprint(pipe) and saved.get("metric", "accuracy") == metric:
             log.info("    reusing %s (%s)", path, saved.get("selected"))
             return path
-    pipe = Pipeline(seg_ckpt, cls_ckpt, icfg, classes=ds.class_names)
+        log.info("    %s was fitted on other candidates or by another metric: fitting again", path)
     report = fit_fusion(pipe, ds, split=split, progress=progress, metric=metric)
     write_json(path, report)
     value = report["validation_ap50" if metric == "ap50" else "validation_accuracy"]

@@ -170,6 +170,13 @@ def candidate_targets(boxes: np.ndarray, record: ImageRecord, n_classes: int, me
     return targets
 
 
+def candidates_fingerprint(pipeline) -> str:
+    """The fingerprint of what makes a pipeline's candidates: checkpoints and the source's settings."""
+    from cytocore.detections import identity_fingerprint
+
+    return identity_fingerprint(pipeline.source.identity())
+
+
 def fold_of(records: Sequence[ImageRecord], folds: int, seed: int = 0) -> dict[str, int]:
     """A fixed fold per image (images, not candidates, so one image never sits on both sides), with the
     images of each class spread over the folds, rarest class first.
@@ -452,6 +459,9 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         "settings": {"score_floor": settings.floors.tolist(), "nms_iou": settings.iou, "nms_containment": settings.containment,
                      "max_detections": settings.max_detections, "config_box_shrink": settings.box_shrink},
         "checkpoints": {k: {"path": v["path"], "sha256": v["sha256"]} for k, v in info.items()},
+        # what made the candidates (checkpoint hashes, post-processing and its hypotheses): a fit is only
+        # valid for candidates made the same way
+        "candidates_fingerprint": candidates_fingerprint(pipeline),
         "seconds_networks": round(seconds_networks, 2),
         "seconds_total": round(time.time() - started, 2),
     }

@@ -83,6 +83,8 @@ DEFAULT_POSTPROCESS: dict = {
     "connectivity": 1,  # 1 = 4-neighbours, 2 = 8-neighbours (components, holes, watershed)
     "block_size": 1024,  # maps larger than this are processed in blocks of this size (px): memory per block ...
     "block_margin": 128,  # ... with this much context on each side: > the largest cell diameter
+    "box_shape": "region",  # region: each object's own box | disc: the box of its inscribed disc, grown to the
+    #                        disc's full size (overlapping round cells, see "Overlapping round cells" above)
     "multiclass": "per_class",  # K+1 maps: per_class components, or foreground components + class means
     "hypotheses": [],  # extra settings run beside this one (e.g. [{min_distance: 20}, {min_distance: 80}]):
     #                    their objects are added as further candidate boxes (see "Several hypotheses" above)
@@ -90,7 +92,8 @@ DEFAULT_POSTPROCESS: dict = {
 
 #: Keys a hypothesis may change: how one image is cut into objects, not how it is processed in blocks.
 HYPOTHESIS_KEYS = ("threshold", "max_hole_area", "min_area", "split", "markers", "marker_threshold", "min_distance",
-                   "footprint", "h", "smooth_sigma", "multiclass")
+                   "footprint", "h", "smooth_sigma", "multiclass", "box_shape")
+BOX_SHAPES = ("region", "disc")
 
 #: Post-processing values ``cytofuse seg train`` chooses on the validation split by FROC, in the
 #: order the coordinate search tries them (the marker kind first: the others depend on it).
@@ -128,6 +131,8 @@ def postprocess_config(cfg: Optional[dict] = None) -> dict:
         raise CytoFuseError(f"postprocess config: split must be 'watershed' or 'none', not {out['split']!r}")
     if out["markers"] not in MARKERS:
         raise CytoFuseError(f"postprocess config: markers must be one of {', '.join(MARKERS)}, not {out['markers']!r}")
+    if out["box_shape"] not in BOX_SHAPES:
+        raise CytoFuseError(f"postprocess config: box_shape must be one of {', '.join(BOX_SHAPES)}, not {out['box_shape']!r}")
     if out["multiclass"] not in ("per_class", "foreground"):
         raise CytoFuseError(f"postprocess config: multiclass must be 'per_class' or 'foreground', not {out['multiclass']!r}")
     hypotheses = out["hypotheses"] if out["hypotheses"] is not None else []
@@ -331,6 +336,38 @@ def instances_from_labels(
     return df
 
 
+def disc_boxes(table: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
+    """``table`` with each object's box replaced by the box of the largest disc inside it, grown to the
+    disc's full size (clipped to the plane).
+
+    Why: where round cells overlap (red cells in a smear, nuclei in a pile), the watershed hands the
+    overlap to one cell, so the other comes out as a crescent whose box is a fraction of the cell's,
+    or two cells stay one blob; an annotator boxes each whole disc. The deepest point of the objects'
+    distance transform is the centre of the cell whose disc holds it, and its depth that disc's radius
+    even where a neighbour covers part of the disc (the cusps where the two outlines cross lie on both
+    circles). A lone round cell keeps its own box to within a pixel.
+    """
+    if table.empty:
+        return table
+    ids = table["label_id"].to_numpy(np.int64)
+    depth = ndi.distance_transform_edt(labels > 0)
+    centres = np.asarray(ndi.maximum_position(depth, labels, ids), np.float64).reshape(-1, 2)
+    radius = np.asarray(ndi.maximum(depth, labels, ids), np.float64).reshape(-1)
+    h, w = labels.shape
+    # a pixel's depth is measured centre to centre: a disc of radius R pixel edges has depth R + 0.5
+    out = table.copy()
+    out["x0"] = np.clip(np.round(centres[:, 1] + 1.0 - radius), 0, w).astype(np.int64)
+    out["y0"] = np.clip(np.round(centres[:, 0] + 1.0 - radius), 0, h).astype(np.int64)
+    out["x1"] = np.clip(np.round(centres[:, 1] + radius), 0, w).astype(np.int64)
+    out["y1"] = np.clip(np.round(centres[:, 0] + radius), 0, h).astype(np.int64)
+    return out
+
+
+def _boxes_of(table: pd.DataFrame, labels: np.ndarray, setting: dict) -> pd.DataFrame:
+    """The reading's boxes: the objects' own, or their discs' (``box_shape``)."""
+    return disc_boxes(table, labels) if setting["box_shape"] == "disc" else table
+
+
 # ----------------------------------------------------------------------------------- block by block
 
 def _empty_instances() -> pd.DataFrame:
@@ -464,7 +501,7 @@ def find_instances(probability: np.ndarray, cfg: Optional[dict] = None, instance
             hmap = None if head is None else as_probability(head[window])
             release(probability, head)  # disk planes: the block is copied, the pages can go
             labels = label_mask(prob >= setting["threshold"], setting, hmap)
-            return instances_from_labels(labels, prob), labels
+            return _boxes_of(instances_from_labels(labels, prob), labels, setting), labels
         return process
 
     return _blockwise_readings(probability.shape, cfg, process_with, labels_out)
@@ -519,7 +556,7 @@ def find_class_instances(
             extra = {col: maps[i + 1] for i, col in enumerate(columns)}
             if setting["multiclass"] == "foreground":
                 labels = label_mask(mask, setting, hmap)
-                df = instances_from_labels(labels, fg, extra)
+                df = _boxes_of(instances_from_labels(labels, fg, extra), labels, setting)
                 best = df[columns].to_numpy().argmax(axis=1) if len(df) else np.zeros(0, int)
                 df["class_name"] = [names[i] for i in best]
                 return df, labels
@@ -528,7 +565,7 @@ def find_class_instances(
             parts = []
             for i, name in enumerate(names):
                 labels = label_mask(mask & (winner == i), setting, hmap)
-                df = instances_from_labels(labels, fg, extra)
+                df = _boxes_of(instances_from_labels(labels, fg, extra), labels, setting)
                 offset = int(combined.max())
                 combined[labels > 0] = labels[labels > 0] + offset
                 df["label_id"] += offset

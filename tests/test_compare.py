@@ -38,7 +38,8 @@ def test_single_stage_infer_overlays_infer_for_the_baseline_only():
     one = stages.infer_config(cfg, single_stage=True)
     assert two["segmentation"]["postprocess"]["hypotheses"] == [{"min_distance": 20}, {"min_distance": 80},
                                                                {"multiclass": "per_class"},
-                                                               {"multiclass": "per_class", "min_distance": 14}]
+                                                               {"multiclass": "per_class", "min_distance": 14},
+                                                               {"multiclass": "per_class", "box_shape": "disc"}]
     assert two["nms"]["containment"] is None
     assert one["segmentation"]["postprocess"]["hypotheses"] == [] and one["nms"]["containment"] == 0.8
     assert one["nms"]["iou"] == two["nms"]["iou"] and one["score_floor"] == two["score_floor"]
@@ -504,3 +505,34 @@ def test_failed_workers_are_one_line_naming_their_logs(tmp_path, monkeypatch):
     assert "\n" not in message and "two-stage failed" in message and "single-stage failed" in message
     assert str(out / "logs" / "two-stage.log") in message and "run the same command again" in message
     assert "yaml" in (out / "logs" / "two-stage.log").read_text().lower()
+
+
+def test_a_fitted_fusion_is_reused_only_for_candidates_made_the_same_way(tmp_path, monkeypatch):
+    """``fusion.json`` is refitted when the inference post-processing (its hypotheses) changes: the rule
+    was chosen and fitted on other candidates. Same checkpoints and settings: reused."""
+    import experiments.fuse_fit as ff
+    from experiments.compare import fit_fusion_file
+    from fusion.pipeline import load_fusion_config
+    from tests.test_ensemble import INFER, NAMES, _checkpoints, _records
+
+    records = _records(tmp_path / "src")
+    for r in records:
+        r.split = "val"
+    ds = Dataset(records, NAMES)
+    run = tmp_path / "R"
+    _checkpoints(run)
+    calls = []
+    real = ff.fit_fusion
+    monkeypatch.setattr(ff, "fit_fusion", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = run / "fusion.json"
+    fit = lambda icfg: fit_fusion_file(run / "seg" / "best.ckpt", run / "cls" / "best.ckpt",  # noqa: E731
+                                       load_fusion_config(icfg), ds, "val", path, progress=False, metric="ap50")
+    fit(INFER)
+    fit(INFER)
+    assert len(calls) == 1
+    other = copy.deepcopy(INFER)
+    other["segmentation"]["postprocess"]["hypotheses"] = [{"box_shape": "disc"}]
+    fit(other)
+    assert len(calls) == 2 and json.loads(path.read_text())["candidates_fingerprint"]
+    fit(other)
+    assert len(calls) == 2

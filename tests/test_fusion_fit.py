@@ -55,6 +55,13 @@ class FakePipeline:
     def checkpoint_info(self) -> dict:
         return {"seg": {"path": "seg.ckpt", "sha256": "0" * 64}, "cls": {"path": "cls.ckpt", "sha256": "1" * 64}}
 
+    @property
+    def source(self) -> "FakePipeline":  # what a Pipeline's candidates come from: here, itself
+        return self
+
+    def identity(self) -> dict:
+        return {"checkpoints": self.checkpoint_info(), "settings": {"fake": True}}
+
 
 def _dataset(tmp_path, n=9) -> Dataset:
     rng = np.random.default_rng(0)

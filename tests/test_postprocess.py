@@ -254,3 +254,42 @@ def test_a_per_class_hypothesis_adds_the_class_pure_cells_of_a_foreground_readin
 def test_hypotheses_config_errors(bad, match):
     with pytest.raises(CytoFuseError, match=match):
         postprocess_config({"hypotheses": bad})
+
+
+def test_disc_boxes_give_each_overlapping_round_cell_its_whole_disc():
+    """Two overlapping discs: the watershed hands the overlap to one, whose neighbour's region box is a
+    crescent's; ``box_shape: disc`` boxes each whole disc, and a lone disc keeps its own box."""
+    yy, xx = np.mgrid[:100, :140]
+    left = (yy - 50) ** 2 + (xx - 40) ** 2 < 400
+    right = (yy - 50) ** 2 + (xx - 70) ** 2 < 400
+    lone = (yy - 50) ** 2 + (xx - 115) ** 2 < 225
+    prob = (left | right | lone).astype(np.float32)
+    truth = [tuple(int(v) for v in (np.nonzero(m.any(0))[0][0], np.nonzero(m.any(1))[0][0],
+                                    np.nonzero(m.any(0))[0][-1] + 1, np.nonzero(m.any(1))[0][-1] + 1))
+             for m in (left, right, lone)]
+    cfg = {"min_distance": 10, "min_area": 10}
+    region = {tuple(b) for b in find_instances(prob, cfg)[["x0", "y0", "x1", "y1"]].to_numpy()}
+    disc = {tuple(b) for b in find_instances(prob, {**cfg, "box_shape": "disc"})[["x0", "y0", "x1", "y1"]].to_numpy()}
+    assert disc == set(truth)
+    assert truth[2] in region and not {truth[0], truth[1]} <= region  # the region boxes cut the overlap
+    with_hyp = find_instances(prob, {**cfg, "hypotheses": [{"box_shape": "disc"}]})
+    assert set(truth) <= {tuple(b) for b in with_hyp[["x0", "y0", "x1", "y1"]].to_numpy()}
+    assert (with_hyp["label_id"].to_numpy() == 0).sum() == len(with_hyp) - 3  # the discs are extra candidates
+
+
+def test_disc_boxes_of_a_per_class_reading_and_a_bad_box_shape():
+    """Per class, two overlapping cells of one class get their whole discs; a cell of another class
+    touching them is its own class's object, boxed alone."""
+    yy, xx = np.mgrid[:80, :140]
+    a1 = (yy - 40) ** 2 + (xx - 35) ** 2 < 400
+    a2 = (yy - 40) ** 2 + (xx - 65) ** 2 < 400
+    b = ((yy - 40) ** 2 + (xx - 95) ** 2 < 100) & ~a2
+    maps = np.zeros((3, 80, 140), np.float32)
+    maps[0] = 1.0
+    for channel, m in ((1, a1 | a2), (2, b)):
+        maps[channel][m], maps[0][m] = 0.9, 0.1
+    inst, _ = find_class_instances(maps, ["A", "B"], {"min_distance": 10, "min_area": 10, "box_shape": "disc"})
+    got = sorted((c, tuple(int(v) for v in box)) for c, box in zip(inst["class_name"], inst[["x0", "y0", "x1", "y1"]].to_numpy()))
+    assert got == [("A", (16, 21, 55, 60)), ("A", (46, 21, 85, 60)), ("B", (86, 31, 105, 50))]
+    with pytest.raises(CytoFuseError, match="box_shape"):
+        postprocess_config({"box_shape": "circle"})
