@@ -95,6 +95,17 @@ HYPOTHESIS_KEYS = ("threshold", "max_hole_area", "min_area", "split", "markers",
                    "footprint", "h", "smooth_sigma", "multiclass", "box_shape")
 BOX_SHAPES = ("region", "disc")
 
+#: Options added after runs were made, at the value that reproduces the older output: a settings record
+#: leaves them out at that value (:func:`identity_settings`), so a finished run stays resumable.
+LATER_DEFAULTS: dict = {"box_shape": "region"}
+
+
+def identity_settings(cfg: dict) -> dict:
+    """``cfg`` without the :data:`LATER_DEFAULTS` keys at their old-behaviour value: what a run's
+    fingerprint and ``run.json`` record."""
+    return {k: v for k, v in cfg.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+
+
 #: Post-processing values ``cytofuse seg train`` chooses on the validation split by FROC, in the
 #: order the coordinate search tries them (the marker kind first: the others depend on it).
 TUNED_KEYS = ("markers", "threshold", "marker_threshold", "min_distance", "min_area")
@@ -463,11 +474,30 @@ def _blockwise(shape: Sequence[int], cfg: dict, process: Callable[[tuple[slice, 
     return out.drop(columns=["cx", "cy"])
 
 
+def distinct_readings(cfg: dict, ignored: Sequence[str] = ()) -> list[dict]:
+    """The hypotheses whose reading can differ from the main setting's and from each earlier one's once
+    the ``ignored`` keys (those the map at hand does not read) are set aside.
+
+    A ``{multiclass: per_class}`` hypothesis on a binary map repeats the main reading: running it would
+    cost a second watershed of every block and add nothing (each of its boxes is already listed).
+    """
+    def reading(setting: dict) -> dict:
+        return {k: v for k, v in setting.items() if k not in ignored and k != "hypotheses"}
+
+    seen = [reading(cfg)]
+    out = []
+    for setting in hypothesis_configs(cfg):
+        if reading(setting) not in seen:
+            seen.append(reading(setting))
+            out.append(setting)
+    return out
+
+
 def _blockwise_readings(shape: Sequence[int], cfg: dict, process_with: Callable[[dict], Callable[[tuple[slice, slice]], Block]],
-                        labels_out: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """The main setting block by block (painting ``labels_out``), then each hypothesis's extra boxes."""
+                        labels_out: Optional[np.ndarray] = None, ignored: Sequence[str] = ()) -> pd.DataFrame:
+    """The main setting block by block (painting ``labels_out``), then each distinct hypothesis's extra boxes."""
     main = _blockwise(shape, cfg, process_with(cfg), labels_out)
-    return with_hypotheses(main, [_blockwise(shape, h, process_with(h)) for h in hypothesis_configs(cfg)])
+    return with_hypotheses(main, [_blockwise(shape, h, process_with(h)) for h in distinct_readings(cfg, ignored)])
 
 
 def _head_plane(instance: Optional[np.ndarray], shape: Sequence[int]) -> Optional[np.ndarray]:
@@ -504,7 +534,7 @@ def find_instances(probability: np.ndarray, cfg: Optional[dict] = None, instance
             return _boxes_of(instances_from_labels(labels, prob), labels, setting), labels
         return process
 
-    return _blockwise_readings(probability.shape, cfg, process_with, labels_out)
+    return _blockwise_readings(probability.shape, cfg, process_with, labels_out, ignored=("multiclass",))  # one map
 
 
 def foreground_names(class_names: Optional[Sequence[str]], channels: int) -> list[str]:

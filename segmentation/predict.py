@@ -52,7 +52,7 @@ from cytocore.preprocess import to_network_input
 from cytocore.tiling import TileGrid, gaussian_importance_map, reflect_indices, tile_grid
 
 from .network import ModelInfo, NetworkFn, model_info
-from .postprocess import find_class_instances, find_instances, postprocess_config
+from .postprocess import find_class_instances, find_instances, identity_settings, postprocess_config
 
 if TYPE_CHECKING:
     from cytocore.runfolder import RunReport
@@ -501,7 +501,7 @@ class SegSettings:
     postprocess: dict
 
     def to_dict(self) -> dict:
-        return {"predict": dict(self.predict), "postprocess": dict(self.postprocess)}
+        return {"predict": dict(self.predict), "postprocess": identity_settings(dict(self.postprocess))}
 
 
 def resolve_settings(model: Any, user: Optional[Mapping[str, Any]] = None, where: str = "") -> SegSettings:

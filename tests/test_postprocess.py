@@ -293,3 +293,32 @@ def test_disc_boxes_of_a_per_class_reading_and_a_bad_box_shape():
     assert got == [("A", (16, 21, 55, 60)), ("A", (46, 21, 85, 60)), ("B", (86, 31, 105, 50))]
     with pytest.raises(CytoFuseError, match="box_shape"):
         postprocess_config({"box_shape": "circle"})
+
+
+def test_hypotheses_that_cannot_differ_from_the_main_reading_are_not_run(monkeypatch):
+    """On a binary map ``multiclass`` means nothing: ``{multiclass: per_class}`` (and a repeat of an earlier
+    hypothesis) would be the main reading again, so only distinct readings are run."""
+    import segmentation.postprocess as pp
+
+    cfg = postprocess_config({"multiclass": "foreground", "hypotheses": [
+        {"multiclass": "per_class"}, {"min_distance": 20}, {"min_distance": 20, "multiclass": "per_class"}]})
+    assert [h["min_distance"] for h in pp.distinct_readings(cfg, ignored=("multiclass",))] == [20]
+    assert len(pp.distinct_readings(cfg)) == 3  # K+1 maps read them all
+    runs = []
+    real = pp._blockwise
+    monkeypatch.setattr(pp, "_blockwise", lambda *a, **k: runs.append(1) or real(*a, **k))
+    prob = np.zeros((40, 40), np.float32)
+    prob[5:15, 5:15] = 1.0
+    table = find_instances(prob, cfg)
+    assert len(runs) == 2 and len(table) == 1  # the main reading and the 20 px one
+
+
+def test_a_later_option_at_its_old_value_leaves_the_settings_record_unchanged():
+    """Finished runs stay resumable: ``box_shape: region`` (what every run before the option did) is not
+    in the record a fingerprint is made of; ``disc`` is."""
+    from segmentation.postprocess import identity_settings
+    from segmentation.predict import SegSettings
+
+    old = {k: v for k, v in postprocess_config().items() if k != "box_shape"}
+    assert SegSettings({}, postprocess_config()).to_dict()["postprocess"] == old
+    assert identity_settings(postprocess_config({"box_shape": "disc"}))["box_shape"] == "disc"
