@@ -274,13 +274,16 @@ def run_two_stage(cfg: Mapping[str, Any], ds: Dataset, data_path: Path, out: Pat
     phases.start("train classifier", budget_label(budget["cls_minutes"]))
     ccfg = cls_stage_config(cfg, data_path, budget["cls_minutes"])
     icfg = infer_config(cfg)
+    learns_from: dict[str, Path] = {}
     if cfg["cls_proposals"]:
         from .proposals_stage import training_proposals
 
-        ccfg["proposals"]["csv"] = str(training_proposals(seg["best_checkpoint"], ds, d["train_split"], icfg,
-                                                          out / "proposals", progress))
+        learns_from["proposals"] = training_proposals(seg["best_checkpoint"], ds, d["train_split"], icfg, out / "proposals",
+                                                      progress)
+        ccfg["proposals"]["csv"] = str(learns_from["proposals"])
         phases.note(f"classifier also trains on the segmenter's proposals: {ccfg['proposals']['csv']}")
-    cls = run_stage("classifier", out / "cls", ccfg, lambda: train_classifier(ccfg, out / "cls", resume=True, dataset=ds))
+    cls = run_stage("classifier", out / "cls", ccfg, lambda: train_classifier(ccfg, out / "cls", resume=True, dataset=ds),
+                    inputs=learns_from)
     fusion_file = None
     if cfg["fusion_fit"]:
         phases.start("fit fusion", f"on split {d['val_split']}")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from cytocore.atomic import write_json
 from cytocore.config import merge, read_yaml
 from cytocore.errors import CytoFuseError
-from cytocore.hashing import fingerprint
+from cytocore.hashing import fingerprint, sha256_file
 
 log = logging.getLogger("cytofuse")
 
@@ -231,8 +231,20 @@ def _stage_checkpoints(done: dict, folder: Path) -> dict:
     return out
 
 
+def _check_inputs(name: str, folder: Path, done: Mapping[str, Any], inputs: Mapping[str, Path]) -> None:
+    """Refuse a finished stage whose recorded input files differ from today's (see :func:`run_stage`)."""
+    recorded = done.get("inputs") or {}
+    for key, path in inputs.items():
+        if key not in recorded:
+            log.warning("    %s: the finished %s run records no %s hash (an older run folder): reused without "
+                        "checking that %s is what it learned from", folder, name, key, path)
+        elif recorded[key] != sha256_file(path):
+            raise CytoFuseError(f"{folder}: this {name} stage learned from another {key} than {path} holds now "
+                                f"(made with other settings since); delete {folder} to retrain it, or use another --out")
+
+
 def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any],
-              derived: Sequence[tuple[str, ...]] = ()) -> dict:
+              derived: Sequence[tuple[str, ...]] = (), inputs: Optional[Mapping[str, Path]] = None) -> dict:
     """Train one stage, or reuse it when ``done.json`` says it finished with this config.
 
     A run without ``done.json`` (killed mid-way) is resumed from its ``last.ckpt`` by the loop. The
@@ -241,6 +253,10 @@ def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any]
     ``derived`` keys were computed from other stages' measured minutes (the baseline's ``auto``
     epoch cap): they are left out of the fingerprint, so retraining the classifier alone does not
     make a finished baseline unusable (its ``done.json`` keeps the budget it really had).
+    ``inputs`` are files an earlier phase of the run made for this stage to learn from (the
+    segmenter's proposals the classifier trains on): the config names them by path only, so their
+    sha256 is kept in ``done.json`` and a stage whose inputs have changed since is refused, not reused
+    (new post-processing hypotheses re-make the proposals).
     """
     from .baseline import images_seen
 
@@ -255,6 +271,7 @@ def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any]
                 f"{folder}: this {name} stage was trained with another config (fingerprint {done.get('config_hash')} "
                 f"!= {digest}); delete {folder} to retrain it, or use another --out"
             )
+        _check_inputs(name, folder, done, inputs or {})
         log.info("    reusing the finished %s run in %s (%.1f min, %d epochs)", name, folder, done["minutes"], done["epochs"])
         return done
     result = train()
@@ -270,6 +287,7 @@ def run_stage(name: str, folder: Path, stage_cfg: dict, train: Callable[[], Any]
         "budget_minutes": stage_cfg["train"]["time_budget_minutes"],
         "epochs_planned": int(stage_cfg["train"]["epochs"]),
         "config_hash": digest,
+        **({"inputs": {key: sha256_file(path) for key, path in inputs.items()}} if inputs else {}),
     }
     write_json(folder / "done.json", done)
     log.info("    %s trained: %d epochs, %.1f min, best %s = %s", name, done["epochs"], done["minutes"], done["monitor"],

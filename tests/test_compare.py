@@ -338,6 +338,37 @@ def test_a_moved_run_folder_reuses_its_own_stages(tmp_path):
         stages.run_stage("classifier", moved / "cls", elsewhere, must_not_train)
 
 
+def test_a_classifier_is_not_reused_after_the_proposals_it_learned_from_changed(tmp_path, caplog):
+    """The config names the proposals table by path; new post-processing hypotheses re-make it under the
+    same name, so its hash is kept and checked. An older ``done.json`` without one is reused with a warning."""
+    run = tmp_path / "run"
+    folder = run / "cls"
+    folder.mkdir(parents=True)
+    csv = run / "proposals" / "instances.csv"
+    csv.parent.mkdir()
+    csv.write_text("image_id,x0\nim1,3\n")
+    cfg = {"train": {"monitor": "val_auc", "time_budget_minutes": 3, "epochs": 4}, "proposals": {"csv": str(csv)}}
+
+    def trained():
+        (folder / "best.ckpt").write_bytes(b"weights")
+        return SimpleNamespace(best_checkpoint=folder / "best.ckpt", last_checkpoint=folder / "best.ckpt",
+                               minutes=1.0, history=[], best_value=0.5)
+
+    def must_not_train():
+        raise AssertionError("a finished classifier was trained again")
+
+    stages.run_stage("classifier", folder, cfg, trained, inputs={"proposals": csv})
+    assert stages.run_stage("classifier", folder, cfg, must_not_train, inputs={"proposals": csv})["minutes"] == 1.0
+    csv.write_text("image_id,x0\nim1,3\nim1,9\n")
+    with pytest.raises(CytoFuseError, match="another proposals"):
+        stages.run_stage("classifier", folder, cfg, must_not_train, inputs={"proposals": csv})
+    done = json.loads((folder / "done.json").read_text())
+    del done["inputs"]
+    (folder / "done.json").write_text(json.dumps(done))
+    assert stages.run_stage("classifier", folder, cfg, must_not_train, inputs={"proposals": csv})["minutes"] == 1.0
+    assert "records no proposals hash" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------- scoring
 
 
