@@ -278,8 +278,8 @@ def run_two_stage(cfg: Mapping[str, Any], ds: Dataset, data_path: Path, out: Pat
     if cfg["cls_proposals"]:
         from .proposals_stage import training_proposals
 
-        learns_from["proposals"] = training_proposals(seg["best_checkpoint"], ds, d["train_split"], icfg, out / "proposals",
-                                                      progress)
+        learns_from["proposals"] = training_proposals(seg["best_checkpoint"], ds, d["train_split"],
+                                                      infer_config(cfg, proposals=True), out / "proposals", progress)
         ccfg["proposals"]["csv"] = str(learns_from["proposals"])
         phases.note(f"classifier also trains on the segmenter's proposals: {ccfg['proposals']['csv']}")
     cls = run_stage("classifier", out / "cls", ccfg, lambda: train_classifier(ccfg, out / "cls", resume=True, dataset=ds),

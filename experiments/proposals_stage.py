@@ -1,7 +1,9 @@
 """The segmentation stage's proposals on the training images, for training the classifier on them.
 
 ``cytofuse compare`` with ``cls_proposals: true`` runs the freshly trained U-Net over the training
-split with the very segmentation settings inference will use (the ``infer.segmentation`` block), so
+split with the very segmentation settings inference will use (the ``infer.segmentation`` block, with
+``proposals_infer`` over it when a config sets one: hypotheses offered at inference that the classifier
+should not learn from), so
 the classifier learns from the merged cells, fragments and look-alikes it will be shown at test
 time (see ``classification/proposals.py`` for how they are labelled). The result is the same
 ``instances.csv`` that ``cytofuse seg predict`` writes, so the step is resumable and inspectable.

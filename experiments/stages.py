@@ -175,14 +175,16 @@ def _common_train_options(stage: dict, cfg: Mapping[str, Any], data_path: Path, 
     return stage
 
 
-def infer_config(cfg: Mapping[str, Any], single_stage: bool = False) -> dict:
+def infer_config(cfg: Mapping[str, Any], single_stage: bool = False, proposals: bool = False) -> dict:
     """The fusion-stage config a system runs inference with: ``infer``, and for the single-stage
-    system ``single_stage_infer`` over it."""
+    system ``single_stage_infer`` over it; with ``proposals``, what the U-Net's training-split proposals
+    for the classifier are made with: ``proposals_infer`` over ``infer``."""
     from fusion.pipeline import load_fusion_config
 
     block = copy.deepcopy(dict(cfg.get("infer") or {}))
-    if single_stage and cfg.get("single_stage_infer"):
-        block = merge(block, dict(cfg["single_stage_infer"]), "single_stage_infer", strict=False)
+    for wanted, key in ((single_stage, "single_stage_infer"), (proposals, "proposals_infer")):
+        if wanted and cfg.get(key):
+            block = merge(block, dict(cfg[key]), key, strict=False)
     block.setdefault("runtime", {})
     block["runtime"] = {**dict(block["runtime"] or {}), "seed": int(cfg["seed"])}
     return load_fusion_config(block)
