@@ -360,11 +360,11 @@ def disc_boxes(table: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
     disc's full size (clipped to the plane).
 
     Why: where round cells overlap (red cells in a smear, nuclei in a pile), the watershed hands the
-    overlap to one cell, so the other comes out as a crescent whose box is a fraction of the cell's
-    (or two cells stay one blob, whose disc is then the larger cell's); an annotator boxes each whole disc. The deepest point of the objects'
-    distance transform is the centre of the cell whose disc holds it, and its depth that disc's radius
-    even where a neighbour covers part of the disc (the cusps where the two outlines cross lie on both
-    circles). A lone round cell keeps its own box to within a pixel.
+    overlap to one cell, so the other comes out as a crescent whose box is a fraction of the cell's (or
+    two cells stay one blob, whose disc is then the larger cell's); an annotator boxes each whole disc.
+    The deepest point of the objects' distance transform is the centre of the cell whose disc holds it,
+    and its depth that disc's radius even where a neighbour covers part of the disc (the cusps where the
+    two outlines cross lie on both circles). A lone round cell keeps its own box to within a pixel.
     """
     if table.empty:
         return table
