@@ -50,14 +50,13 @@ def test_single_stage_infer_overlays_infer_for_the_baseline_only():
 def test_proposals_infer_overlays_infer_for_the_classifiers_training_proposals_only():
     """The classifier may learn from proposals made without a hypothesis that inference still offers."""
     bccd = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "bccd.yaml"
-    keep = "[{min_distance: 20}, {min_distance: 80}, {multiclass: per_class}, {multiclass: per_class, min_distance: 14}]"
-    cfg = cmp.load_compare_config(bccd, [f"proposals_infer.segmentation.postprocess.hypotheses={keep}"])
+    cfg = cmp.load_compare_config(bccd)  # bccd.yaml sets proposals_infer: the four readings without the discs
     made_with = stages.infer_config(cfg, proposals=True)
     assert {"multiclass": "per_class", "box_shape": "disc"} not in made_with["segmentation"]["postprocess"]["hypotheses"]
     assert len(made_with["segmentation"]["postprocess"]["hypotheses"]) == 4
     assert {"multiclass": "per_class", "box_shape": "disc"} in stages.infer_config(cfg)["segmentation"]["postprocess"]["hypotheses"]
     assert made_with["nms"] == stages.infer_config(cfg)["nms"]  # the rest of `infer` is kept
-    plain = cmp.load_compare_config(bccd)
+    plain = dict(cfg, proposals_infer={})
     assert stages.infer_config(plain, proposals=True) == stages.infer_config(plain)
 
 
