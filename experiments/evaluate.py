@@ -19,6 +19,7 @@ import pandas as pd
 
 from cytocore.coco_ap import ap50_per_class
 from cytocore.errors import DataError
+from cytocore.false_positives import KINDS, box_kinds
 from cytocore.froc import FP_RATES, Thresholds, per_class_froc, stack_ground_truth
 from cytocore.records import Dataset, ImageRecord
 
@@ -49,7 +50,8 @@ def evaluate(
     are reported in ``warnings`` and skipped (a :class:`DataError` when that is every row).
     ``predictions_path`` only names the file in messages. With ``ceiling``, ``metrics["ceiling"]`` holds
     the accuracy and AP50 of the same boxes ranked perfectly (:mod:`cytocore.ranking_ceiling`): what a
-    perfect classifier could reach with them.
+    perfect classifier could reach with them, and ``metrics["box_kinds"]`` what each class's top-ranked boxes
+    are under either hit test (:mod:`cytocore.false_positives`): hits, duplicates, pieces, loose boxes, ...
     """
     source = str(predictions_path) if predictions_path is not None else "predictions"
     warnings: list[str] = []
@@ -103,8 +105,10 @@ def evaluate(
     if ceiling:
         from cytocore.ranking_ceiling import Truth, ceiling_metrics
 
-        best = ceiling_metrics(pred_image, pred_boxes, pred_scores, Truth(gt_image, gt_boxes, gt_labels), class_names,
+        truth = Truth(gt_image, gt_boxes, gt_labels)
+        best = ceiling_metrics(pred_image, pred_boxes, pred_scores, truth, class_names,
                                [(r.width, r.height) for r in records])
+        kinds = {hit: box_kinds(pred_image, pred_boxes, pred_scores, truth, class_names, hit) for hit in ("iop", "iou")}
     return {
         "froc": froc,
         "accuracy": accuracy,
@@ -120,7 +124,7 @@ def evaluate(
         "froc_curves": curves,
         "explainability": explain,
         "warnings": warnings,
-        **({"ceiling": best} if ceiling else {}),
+        **({"ceiling": best, "box_kinds": kinds} if ceiling else {}),
     }
 
 
@@ -257,4 +261,9 @@ def format_table(metrics: dict) -> str:
             f"ranked perfectly (same boxes, a perfect classifier): accuracy {num(best['accuracy']).strip()}   "
             f"mean AP50 {num(float(np.mean(aps)) if aps else None).strip()}"
         )
+    kinds = metrics.get("box_kinds", {}).get("iou")
+    if kinds:
+        lines.append("what each class's top-N boxes are (N = its annotated cells; hit test IoU > 0.5):")
+        lines.append(f"  {'class':<{width}}  " + "  ".join(KINDS))
+        lines += [f"  {n:<{width}}  " + "  ".join(f"{v:>{len(k)}}" for k, v in counts.items()) for n, counts in kinds.items()]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from cytocore.atomic import write_json, write_text, write_with
+from cytocore.false_positives import KINDS
 
 from .runkit import ENSEMBLE, SINGLE_STAGE, TWO_STAGE
 
@@ -119,6 +120,18 @@ def ceiling_table(results: dict) -> Optional[str]:
             continue
         lines.append(f"| {name} | {_fmt(m.get('accuracy'))} | {_fmt(best.get('accuracy'))} | "
                      f"{_fmt(_mean(list(m.get('ap50', {}).values())))} | {_fmt(_mean(list(best.get('ap50', {}).values())))} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def box_kinds_table(results: dict) -> Optional[str]:
+    """What each system's top-ranked boxes are per class and hit test (``metrics["box_kinds"]``)."""
+    lines = ["| system | class | hit test | " + " | ".join(k.replace("_", " ") for k in KINDS) + " |",
+             "|---|---|---|" + "---|" * len(KINDS)]
+    for name, sysres in results["systems"].items():
+        for hit, per_class in sysres.get("metrics", {}).get("box_kinds", {}).items():
+            test = {"iop": "IoP > 0.5", "iou": "IoU > 0.5"}.get(hit, hit)
+            lines += [f"| {name} | {c} | {test} | " + " | ".join(str(counts.get(k, 0)) for k in KINDS) + " |"
+                      for c, counts in per_class.items()]
     return "\n".join(lines) if len(lines) > 2 else None
 
 
@@ -225,6 +238,19 @@ def build_report(results: dict, out_dir: PathLike) -> Path:
             "box that hits a cell of that class (IoP > 0.5 for accuracy, IoU > 0.5 for AP50) above every box that "
             "does not (cytocore/ranking_ceiling.py). The gap from it to 1 is the boxes' (missed, merged or loose "
             "cells); the gap from the real figure to it is the ranking's (classifier and fusion).",
+            "",
+        ]
+    kinds = box_kinds_table(results)
+    if kinds:
+        lines += [
+            "## What the top-ranked boxes are",
+            "",
+            kinds,
+            "",
+            "For each class its N highest-scored boxes, N being its annotated cells, matched in score order with "
+            "the metric's hit test (cytocore/false_positives.py): a duplicate hits a cell a higher box took; a piece "
+            "lies mostly inside a cell, a loose box holds most of one; no cell touches no annotated cell (background, "
+            "or a cell nobody annotated).",
             "",
         ]
     if curves:

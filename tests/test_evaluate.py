@@ -185,6 +185,9 @@ def test_ceiling_ranks_every_hit_first_by_each_metric_s_own_hit_test():
     assert best["ap50"]["tumour"] == pytest.approx(0.5, abs=0.01)  # cell 1 has no box at IoU > 0.5
     assert best["ap50"]["other"] == pytest.approx(0.5, abs=0.01)
     assert "ranked perfectly" in format_table(res)
+    # each class's top 2 boxes (2 cells each) are the two on empty ground, under either hit test
+    assert res["box_kinds"]["iou"]["tumour"]["no_cell"] == 2 and res["box_kinds"]["iop"]["other"]["no_cell"] == 2
+    assert "no_cell" in format_table(res)
     assert "ceiling" not in evaluate(ds, preds)  # only when asked: the fusion fit evaluates hundreds of times
 
 

@@ -80,3 +80,14 @@ def test_report_shows_each_system_beside_its_perfectly_ranked_boxes(tmp_path):
     assert "## Boxes or ranking?" in text
     assert "| two-stage | 0.500 | 0.930 | 0.500 | 0.710 |" in text
     assert "| single-stage |" not in text.split("## Boxes or ranking?")[1].split("## ")[0]
+
+
+def test_report_says_what_the_top_ranked_boxes_are(tmp_path):
+    results = _results(tmp_path)
+    counts = {"hit": 5, "duplicate": 1, "other_class": 0, "piece": 2, "loose": 1, "partial": 0, "no_cell": 3}
+    results["systems"]["two-stage"]["metrics"]["box_kinds"] = {"iou": {"A": counts}}
+    text = build_report(results, tmp_path / "report").read_text()
+    section = text.split("## What the top-ranked boxes are")[1].split("## ")[0]
+    assert "| two-stage | A | IoU > 0.5 | 5 | 1 | 0 | 2 | 1 | 0 | 3 |" in section
+    assert "| single-stage |" not in section
+    assert "What the top-ranked boxes are" not in build_report(_results(tmp_path), tmp_path / "plain").read_text()
