@@ -117,8 +117,22 @@ def load_config(defaults: Union[dict, PathLike], path: Optional[PathLike] = None
         cfg = merge(cfg, read_yaml(path), str(path))
     extra = parse_overrides(overrides)
     if extra:
+        _refuse_empty_mappings(cfg, extra)
         cfg = merge(cfg, extra, "--set")
     return cfg
+
+
+def _refuse_empty_mappings(cfg: Any, extra: dict, prefix: str = "") -> None:
+    """``--set key={}`` over a filled section: mappings merge, so it would change nothing while the user
+    meant to clear the section; say so instead of running with the section unchanged."""
+    for key, value in extra.items():
+        current = cfg.get(key) if isinstance(cfg, dict) else None
+        if not isinstance(value, dict) or not isinstance(current, dict) or not current:
+            continue
+        if not value:
+            raise CytoFuseError(f"--set {prefix}{key}={{}}: sections merge, so an empty one changes nothing here; "
+                                f"set the keys inside it instead (it holds {', '.join(map(str, current))})")
+        _refuse_empty_mappings(current, value, f"{prefix}{key}.")
 
 
 def set_path(cfg: dict, dotted: str, value: Any) -> dict:

@@ -59,3 +59,15 @@ def test_overrides_parse_values_and_set_path():
     assert set_path(DEFAULTS, "model.width", 32)["model"]["width"] == 32
     with pytest.raises(CytoFuseError):
         parse_overrides(["novalue"])
+
+
+def test_an_empty_mapping_over_a_filled_section_is_refused_not_ignored(tmp_path):
+    """Sections merge, so ``--set key={}`` would leave the section as it was while the user meant to clear it."""
+    f = tmp_path / "c.yaml"
+    f.write_text("extra:\n  readings: {hypotheses: [1, 2]}\n")
+    with pytest.raises(CytoFuseError, match=r"--set extra=\{\}: .*changes nothing.*readings"):
+        load_config(DEFAULTS, f, ["extra={}"])
+    with pytest.raises(CytoFuseError, match=r"--set extra.readings=\{\}"):
+        load_config(DEFAULTS, f, ["extra.readings={}"])
+    assert load_config(DEFAULTS, None, ["extra={}"])["extra"] == {}  # empty over empty: nothing lost, no error
+    assert load_config(DEFAULTS, f, ["extra.readings.hypotheses=[]"])["extra"]["readings"] == {"hypotheses": []}
