@@ -152,8 +152,8 @@ def test_validate_from_must_be_a_share_of_training():
         LoopConfig.from_dict({"validate_from": 1.5})
 
 
-def test_onednn_isa_cap_only_on_amd_with_avx512(tmp_path):
-    """The AVX2 cap is for AMD CPUs whose oneDNN AVX-512 kernels are pathologically slow, nothing else."""
+def test_onednn_isa_cap_on_any_cpu_with_avx512(tmp_path):
+    """The AVX2 cap is for CPUs whose oneDNN AVX-512 kernels are pathologically slow: AMD and Intel alike."""
     from cytocore.runtime import onednn_isa_cap
 
     def cpuinfo(vendor: str, flags: str) -> str:
@@ -164,7 +164,10 @@ def test_onednn_isa_cap_only_on_amd_with_avx512(tmp_path):
 
     assert onednn_isa_cap(cpuinfo("AuthenticAMD", "avx512f avx512bw")) == "AVX2"
     assert onednn_isa_cap(cpuinfo("AuthenticAMD", "fma")) is None
-    assert onednn_isa_cap(cpuinfo("GenuineIntel", "avx512f avx512bw")) is None
+    assert onednn_isa_cap(cpuinfo("GenuineIntel", "avx512f avx512bw")) == "AVX2"
+    assert onednn_isa_cap(cpuinfo("GenuineIntel", "avx512_fp16 avx512f")) == "AVX2"
+    assert onednn_isa_cap(cpuinfo("GenuineIntel", "avx512_vnni")) is None  # not the base flag
+    assert onednn_isa_cap(cpuinfo("GenuineIntel", "fma")) is None
     assert onednn_isa_cap(tmp_path / "missing") is None
 
 
