@@ -370,8 +370,14 @@ def disc_boxes(table: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
         return table
     ids = table["label_id"].to_numpy(np.int64)
     depth = ndi.distance_transform_edt(labels > 0)
-    centres = np.asarray(ndi.maximum_position(depth, labels, ids), np.float64).reshape(-1, 2)
     radius = np.asarray(ndi.maximum(depth, labels, ids), np.float64).reshape(-1)
+    # The centre is the mean of the pixels at the object's greatest depth, not the first of them that
+    # ndi.maximum_position finds: it breaks ties by an unstable sort, so a block and the whole image
+    # could pick different pixels of one plateau and box the same disc a pixel apart.
+    deepest = np.zeros(int(labels.max()) + 1, np.float64)
+    deepest[ids] = radius
+    plateau = (labels > 0) & (depth == deepest[labels])
+    centres = np.asarray(ndi.center_of_mass(plateau, labels, ids), np.float64).reshape(-1, 2)
     h, w = labels.shape
     # a pixel's depth is measured centre to centre: a disc of radius R pixel edges has depth R + 0.5
     out = table.copy()
