@@ -126,7 +126,7 @@ def seg_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Op
     scfg, overrides, _ = _section(cfg, "seg", load_seg_config)
     if overrides:
         scfg = merge(scfg, overrides, "compare config seg")
-    return _common_train_options(scfg, cfg, data_path, budget_minutes)
+    return _common_train_options(scfg, cfg, data_path, budget_minutes, overrides)
 
 
 def baseline_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float],
@@ -148,7 +148,7 @@ def baseline_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minute
         raise CytoFuseError(f"{source}: the single-stage baseline needs targets.mode: classes, not {bcfg['targets']['mode']!r}")
     if epochs is not None:
         bcfg["train"]["epochs"] = int(epochs)
-    return _common_train_options(bcfg, cfg, data_path, budget_minutes)
+    return _common_train_options(bcfg, cfg, data_path, budget_minutes, overrides)
 
 
 def cls_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float]) -> dict:
@@ -158,18 +158,25 @@ def cls_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Op
     if overrides:
         ccfg = merge(ccfg, overrides, "compare config cls")
     ccfg["data"]["split_fractions"] = list(cfg["data"]["split_fractions"])
-    return _common_train_options(ccfg, cfg, data_path, budget_minutes)
+    return _common_train_options(ccfg, cfg, data_path, budget_minutes, overrides)
 
 
-def _common_train_options(stage: dict, cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float]) -> dict:
+def _common_train_options(stage: dict, cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float],
+                          own: Optional[Mapping[str, Any]] = None) -> dict:
     """What compare decides for every stage: data (for the record: the split data set is passed in),
-    split names and seed, training seed, budget and progress bars."""
+    split names and seed, training seed, budget and progress bars.
+
+    The training seed is the experiment's unless the stage's own section (``own``, e.g. ``--set
+    cls.train.seed=1``) sets one: that retrains one stage with another seed while the others, whose
+    configs are unchanged, are reused. (The experiment's ``seed`` used to overwrite it silently.)
+    """
     d = cfg["data"]
     stage["data"]["path"] = str(data_path)
     stage["data"]["train_split"] = d["train_split"]
     stage["data"]["val_split"] = d["val_split"]
     stage["data"]["split_seed"] = int(d["split_seed"])
-    stage["train"]["seed"] = int(cfg["seed"])
+    own_seed = ((own or {}).get("train") or {}).get("seed")
+    stage["train"]["seed"] = int(cfg["seed"] if own_seed is None else own_seed)
     stage["train"]["time_budget_minutes"] = None if budget_minutes is None else float(budget_minutes)
     stage["train"]["progress"] = bool(cfg["progress"])
     return stage

@@ -109,6 +109,18 @@ def test_stage_configs_share_data_seed_budget_and_the_unet(tmp_path):
         stages.seg_stage_config(cfg, tmp_path, 1.0)
 
 
+def test_a_stage_seed_of_its_own_wins_over_the_experiment_seed(tmp_path):
+    """``--set cls.train.seed=1`` retrains the classifier with another seed; the experiment's seed used
+    to overwrite it silently. The other stages keep the experiment's seed, so their runs are reused."""
+    cfg = _cfg()
+    cfg["seed"] = 7
+    cfg["cls"] = {"train": {"seed": 1}}
+    cfg["baseline"] = {"train": {"seed": 3}}
+    assert stages.cls_stage_config(cfg, tmp_path, 1.0)["train"]["seed"] == 1
+    assert stages.seg_stage_config(cfg, tmp_path, 1.0)["train"]["seed"] == 7
+    assert stages.baseline_stage_config(cfg, tmp_path, 1.0)["train"]["seed"] == 3
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_tiny.yaml", "bccd.yaml", "monusac.yaml", "lc25000.yaml"])
 def test_shipped_compare_configs_resolve_every_stage(tmp_path, name):
     """A shipped config whose stage sections do not merge (an option its seg config does not know...)
