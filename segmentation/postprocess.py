@@ -371,13 +371,15 @@ def disc_boxes(table: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
     ids = table["label_id"].to_numpy(np.int64)
     depth = ndi.distance_transform_edt(labels > 0)
     radius = np.asarray(ndi.maximum(depth, labels, ids), np.float64).reshape(-1)
-    # The centre is the mean of the pixels at the object's greatest depth, not the first of them that
-    # ndi.maximum_position finds: it breaks ties by an unstable sort, so a block and the whole image
-    # could pick different pixels of one plateau and box the same disc a pixel apart.
+    # The centre is the object's first pixel of greatest depth in row-major order, which a block and the
+    # whole image agree on (ndi.maximum_position breaks ties by an unstable sort: a pixel apart between
+    # them). Not the mean of those pixels: two equal cells left as one blob tie apart, and their mean
+    # lies between the discs.
     deepest = np.zeros(int(labels.max()) + 1, np.float64)
     deepest[ids] = radius
-    plateau = (labels > 0) & (depth == deepest[labels])
-    centres = np.asarray(ndi.center_of_mass(plateau, labels, ids), np.float64).reshape(-1, 2)
+    flat = np.flatnonzero((labels > 0) & (depth == deepest[labels]))
+    owners, first = np.unique(labels.ravel()[flat], return_index=True)
+    centres = np.column_stack(np.unravel_index(flat[first[np.searchsorted(owners, ids)]], labels.shape)).astype(np.float64)
     h, w = labels.shape
     # a pixel's depth is measured centre to centre: a disc of radius R pixel edges has depth R + 0.5
     out = table.copy()

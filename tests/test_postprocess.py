@@ -137,6 +137,18 @@ def test_disc_boxes_block_by_block_equal_the_whole_image(caplog):
     np.testing.assert_array_equal(blocks[boxes].to_numpy(), whole[boxes].to_numpy())
 
 
+def test_a_blob_of_two_equal_discs_is_boxed_as_one_of_them():
+    """Two equal cells left as one object tie for the greatest depth at both centres: the box is one
+    whole disc (the first in row-major order), not a disc centred between them."""
+    yy, xx = np.mgrid[:60, :100]
+    left = (yy - 30) ** 2 + (xx - 35) ** 2 < 225
+    right = (yy - 30) ** 2 + (xx - 61) ** 2 < 225
+    inst = find_instances((left | right).astype(np.float32), {"split": "none", "min_area": 10, "box_shape": "disc"})
+    assert len(inst) == 1
+    ys, xs = np.nonzero(left)
+    assert tuple(int(v) for v in inst[["x0", "y0", "x1", "y1"]].iloc[0]) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
 def test_blockwise_warns_when_margin_too_small(caplog):
     prob = disc((200, 200), 100, 100, 40).astype(np.float32)
     with caplog.at_level(logging.WARNING, logger="cytofuse"):
