@@ -76,6 +76,15 @@ def test_config_rejects_unknown_keys_and_systems(tmp_path):
         cmp.load_compare_config(bad)
 
 
+@pytest.mark.parametrize("name, key", [("seg", "seg_minutes"), ("cls", "cls_minutes"), ("baseline", "baseline_minutes")])
+def test_a_stage_budget_of_its_own_is_refused_not_overwritten(name, key):
+    """compare sets every stage's minutes from ``budget:``; ``--set cls.train.time_budget_minutes=30``
+    used to be overwritten silently, so the run trained for another time than the user asked."""
+    with pytest.raises(CytoFuseError, match=f"{name}.train.time_budget_minutes .*budget.{key}"):
+        cmp.load_compare_config(None, [f"{name}.train.time_budget_minutes=30"])
+    assert cmp.load_compare_config(None, [f"{name}.train.seed=3"])[name]["train"]["seed"] == 3
+
+
 def test_config_paths_are_relative_to_the_repo():
     assert stages.repo_path("../shared/datasets/x") == (stages.REPO_ROOT.parent / "shared" / "datasets" / "x").resolve()
     assert stages.repo_path("/abs/path") == Path("/abs/path")
