@@ -222,8 +222,8 @@ def real_mask_validation(checkpoint: PathLike, ds: Dataset, seg_cfg: dict) -> di
     if not val:
         raise DataError(f"{ds.root or 'data set'}: no validation image has a mask to score against")
     v = seg_cfg["validation"]
-    samples = load_samples(val, scale=float(seg_cfg["data"]["scale"]), mode="binary", kind="mask")
     segmenter = load_segmenter(checkpoint, mode=seg_cfg["runtime"]["mode"])
+    samples = load_samples(val, scale=segmenter.scale, mode="binary", kind="mask")
     validator = Validator(samples, int(v["tile"]), int(v["batch_size"]), "binary", 0, [], float(v["threshold"]), True)
     out = validator(segmenter.network)
     out["val_images"] = len(samples)
@@ -281,6 +281,7 @@ def run_targets_compare(cfg: dict, out_dir: PathLike) -> dict:
     from cytocore.atomic import write_text
     from cytocore.config import dump_yaml
     from segmentation.pseudo_masks import target_agreement
+    from segmentation.targets import data_scale
 
     from .baseline import train_unet
     from .runkit import Phases, dataset_info, link_split_images, prepare_data, score_system
@@ -300,7 +301,8 @@ def run_targets_compare(cfg: dict, out_dir: PathLike) -> dict:
     ds, data_path = prepare_data(cfg, out)
     if not ds.has_masks:
         raise DataError(f"{data_path}: no masks/<id>.png: comparing target kinds needs real masks to score against")
-    scale = float(kind_seg_config(cfg, "mask", data_path, None)["data"]["scale"])
+    scale = data_scale(kind_seg_config(cfg, "mask", data_path, None)["data"]["scale"],
+                       [r for r in ds.records if r.split == d["train_split"]])
 
     phases.start("classifier")
     cls_ckpt, cls_run = classifier_checkpoint(cfg, ds, data_path, out, progress)

@@ -74,12 +74,14 @@ def ceiling(records: Sequence[ImageRecord], class_names: Sequence[str], cfg: dic
     from cytocore.froc import class_froc, per_class_froc, stack_ground_truth
 
     from .postprocess import find_instances, postprocess_config
-    from .targets import recommended_scale
+    from .targets import data_scale, recommended_scale
     from .train import instance_head_kind
 
     records = list(records)
     if not records:
         raise DataError("seg ceiling: no images to evaluate")
+    # data.scale auto: the resolution rule on the evaluated images (training applies it to its own)
+    cfg = {**cfg, "data": {**cfg["data"], "scale": data_scale(cfg["data"]["scale"], records)}}
     post = postprocess_config({**(cfg.get("postprocess") or {}), **(post_cfg or {})})
     k = len(class_names)
     gt_image, gt_boxes, gt_labels = stack_ground_truth(records, k)

@@ -264,7 +264,7 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
 
     from .instance_targets import HEAD_KINDS
     from .postprocess import postprocess_config
-    from .targets import MODES, TARGET_KINDS, RefineOptions
+    from .targets import AUTO_SCALE, MODES, TARGET_KINDS, RefineOptions
     from .unet import resolve_model_config
 
     t, p, v = cfg["targets"], cfg["patches"], cfg["validation"]
@@ -289,9 +289,14 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
         loop = LoopConfig.from_dict(cfg["train"], cfg["optimizer"])
     except (TypeError, ValueError) as exc:
         raise CytoFuseError(f"config: {exc}") from None
-    scale = float(cfg["data"]["scale"])
-    if not 0 < scale <= 4:
-        raise CytoFuseError(f"data.scale must be in (0, 4], got {scale}")
+    scale = cfg["data"]["scale"]
+    if scale != AUTO_SCALE:
+        try:
+            ok = 0 < float(scale) <= 4
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CytoFuseError(f"data.scale must be auto or a number in (0, 4], got {scale!r}")
     model = resolve_model_config(cfg["model"])
     multiple = 2 ** (int(model["depth"]) - 1)
     _check_multiple(int(p["size"]), multiple, "patches.size")
@@ -321,13 +326,12 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
 
     from .losses import class_weights_from_counts, make_loss
     from .patches import PatchBatches, PatchSampler, build_augment, load_samples
-    from .targets import RefineOptions
+    from .targets import RefineOptions, data_scale
     from .unet import create_unet
 
     loop, _ = check_config(cfg)
     t, p, v = cfg["targets"], cfg["patches"], cfg["validation"]
     mode, kind = t["mode"], t["kind"]
-    scale = float(cfg["data"]["scale"])
     num_classes = ds.num_classes
     if mode == "classes" and num_classes == 0:
         raise CytoFuseError("targets.mode is 'classes' but the data set has no classes")
@@ -336,6 +340,7 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
 
     train_recs, all_val = whole_splits(ds, cfg)
     val_recs = epoch_validation_subset(all_val, cfg)
+    scale = data_scale(cfg["data"]["scale"], train_recs)
     if t.get("mask_dir"):
         from .targets import records_with_mask_dir
 

@@ -1,6 +1,8 @@
 """U-Net targets from masks, ellipses, refined boxes and class-index maps."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -166,3 +168,19 @@ def test_make_target_checks_mask_size_and_mode(tmp_path):
     rec2, image2 = _record(tmp_path, mask=False)
     with pytest.raises(DataError, match="targets.mode must be one of binary, classes"):
         make_target(rec2, image2, "boxes", "auto")
+
+
+def test_scale_auto_follows_the_cells_of_the_training_images():
+    """``data.scale: auto`` (the default) trains large blood cells at a quarter of their size and 12 px
+    nuclei at 0.75, where one fixed scale suits only one of them; an image set without boxes keeps its size."""
+    from segmentation.targets import data_scale
+
+    def records(side: float, n: int = 20) -> list:
+        boxes = [[10 * i, 0, 10 * i + side, side] for i in range(n)]
+        return [ImageRecord("im", Path("im.png"), 4000, 400, boxes, np.ones((n, 1)))]
+
+    assert data_scale("auto", records(100.0)) == 0.25   # 8 / 100 px, rounded up to a multiple of 0.25
+    assert data_scale("auto", records(12.0)) == 0.75    # 8 / 12 = 0.67 -> 0.75
+    assert data_scale("auto", records(5.0)) == 1.0      # never upsampled
+    assert data_scale("auto", [ImageRecord("h", Path("h.png"), 50, 50)]) == 1.0
+    assert data_scale(0.35, records(100.0)) == 0.35 and data_scale("0.5", []) == 0.5

@@ -137,6 +137,9 @@ def test_build_task_meta_and_validation(tmp_path):
     metrics = setup.task.validate(setup.task.network)
     assert {"val_dice", "val_iou", "val_dice_image", "val_rand_error"} <= set(metrics)
     assert 0.0 <= metrics["val_dice"] <= 1.0
+    auto = build_task(load_seg_config(overrides=TINY + ["data.scale=auto"]), ds, progress=False).meta
+    # the 8-14 px cells keep their size (the rule asks >= 8 px); the config keeps saying auto
+    assert auto["scale"] == 1.0 and auto["config"]["data"]["scale"] == "auto"
     classes = build_task(load_seg_config(overrides=TINY + ["targets.mode=classes", "loss.class_weights=auto"]), ds, progress=False)
     assert classes.meta["model"]["out_channels"] == 3 and classes.meta["mode"] == "classes"
     assert "val_dice_A" in classes.task.validate(classes.task.network)
