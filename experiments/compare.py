@@ -56,8 +56,8 @@ from .runkit import (
     prepare_data,
     score_system,
 )
-from .stages import (DEFAULTS, baseline_stage_config, cls_stage_config, freeze_stage_configs, infer_config, run_stage,
-                     seg_stage_config)
+from .stages import (DEFAULTS, baseline_stage_config, cls_stage_config, freeze_stage_configs, infer_config,
+                     refuse_stage_budgets, run_stage, seg_stage_config)
 
 log = logging.getLogger("cytofuse")
 
@@ -88,19 +88,9 @@ def load_compare_config(path: Optional[PathLike] = None, overrides: Iterable[str
         raise CytoFuseError(f"{source}: fusion_metric must be one of {', '.join(METRICS)}, got {cfg['fusion_metric']!r}")
     if cfg["ensemble"] and not {TWO_STAGE, SINGLE_STAGE} <= set(systems):
         raise CytoFuseError(f"{source}: ensemble: true needs both systems, two-stage and single-stage, in `systems`")
-    _refuse_stage_budgets(cfg, source)
+    refuse_stage_budgets(cfg, source)
     cfg["systems"] = systems
     return scale_budget(cfg)
-
-
-def _refuse_stage_budgets(cfg: Mapping[str, Any], source: Any) -> None:
-    """A stage's own ``train.time_budget_minutes`` in a compare config would be overwritten by the
-    ``budget:`` block (compare keeps the systems' budgets comparable), so it is refused, not ignored."""
-    for name, key in (("seg", "seg_minutes"), ("cls", "cls_minutes"), ("baseline", "baseline_minutes")):
-        train = (cfg.get(name) or {}).get("train") or {}
-        if isinstance(train, Mapping) and "time_budget_minutes" in train:
-            raise CytoFuseError(f"{source}: {name}.train.time_budget_minutes is not read by compare; set budget.{key} "
-                                f"(or --budget-minutes for the total) instead")
 
 
 def budget_label(minutes: Optional[float]) -> str:

@@ -161,6 +161,17 @@ def cls_stage_config(cfg: Mapping[str, Any], data_path: Path, budget_minutes: Op
     return _common_train_options(ccfg, cfg, data_path, budget_minutes, overrides)
 
 
+def refuse_stage_budgets(cfg: Mapping[str, Any], source: Any) -> None:
+    """A stage's own ``train.time_budget_minutes`` would be overwritten by the ``budget:`` block
+    (:func:`_common_train_options`: the systems' budgets stay comparable), so it is refused when the
+    config is read, not ignored minutes later."""
+    for name, key in (("seg", "seg_minutes"), ("cls", "cls_minutes"), ("baseline", "baseline_minutes")):
+        train = (cfg.get(name) or {}).get("train") or {}
+        if isinstance(train, Mapping) and "time_budget_minutes" in train:
+            raise CytoFuseError(f"{source}: {name}.train.time_budget_minutes is not read here; set budget.{key} "
+                                f"(or --budget-minutes for the total) instead")
+
+
 def _common_train_options(stage: dict, cfg: Mapping[str, Any], data_path: Path, budget_minutes: Optional[float],
                           own: Optional[Mapping[str, Any]] = None) -> dict:
     """What compare decides for every stage: data (for the record: the split data set is passed in),

@@ -191,10 +191,11 @@ def load_targets_config(path: Optional[PathLike] = None, overrides: Sequence[str
     """``compare_defaults.yaml`` + ``targets_defaults.yaml`` ← the user's YAML ← ``--set``, checked."""
     from cytocore.config import load_config, merge, read_yaml
 
-    from .stages import DEFAULTS
+    from .stages import DEFAULTS, refuse_stage_budgets
 
     base = merge(read_yaml(DEFAULTS), read_yaml(TARGETS_DEFAULTS), str(TARGETS_DEFAULTS), strict=False)
     cfg = load_config(base, path, overrides)
+    refuse_stage_budgets(cfg, path or "config")
     t = cfg["targets"]
     kinds = [t["kinds"]] if isinstance(t["kinds"], str) else list(t["kinds"] or [])
     allowed = tuple(KIND_LABELS)

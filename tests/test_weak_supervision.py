@@ -307,6 +307,8 @@ def test_targets_config_is_checked_before_anything_runs():
         load_targets_config(None, ["targets.cam.threshold=1.5"])
     with pytest.raises(CytoFuseError, match="unknown option"):
         load_targets_config(None, ["targets.cam.thresh=0.5"])
+    with pytest.raises(CytoFuseError, match="seg.train.time_budget_minutes .*budget.seg_minutes"):
+        load_targets_config(None, ["seg.train.time_budget_minutes=30"])  # the budget block would overwrite it
     for name in ("targets_monusac.yaml", "targets_synth.yaml"):  # the shipped configs load
         from experiments.weak_supervision import CONFIG_DIR
 
