@@ -257,3 +257,14 @@ def test_cli_seg_train_runs_end_to_end_on_synthetic_data(tmp_path, capsys):
     assert run(args + [x for s in sets for x in ("--set", s)]) == 2
     assert "--resume" in capsys.readouterr().err
     print(f"seg train CLI took {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("value", ["big", "0", "-0.5", "5", "null"])
+def test_a_bad_data_scale_is_one_clear_line(value):
+    """``data.scale`` is ``auto`` or a number in (0, 4]; anything else stops before any data is read."""
+    from cytocore.errors import CytoFuseError
+    from segmentation.train import check_config
+
+    with pytest.raises(CytoFuseError, match=r"^data.scale must be auto or a number in \(0, 4\], got ") as info:
+        check_config(load_seg_config(overrides=TINY + [f"data.scale={value}"]))
+    assert "\n" not in str(info.value)
