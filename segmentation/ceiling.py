@@ -80,7 +80,7 @@ def ceiling(records: Sequence[ImageRecord], class_names: Sequence[str], cfg: dic
     records = list(records)
     if not records:
         raise DataError("seg ceiling: no images to evaluate")
-    # data.scale auto: the resolution rule on the evaluated images (training applies it to its own)
+    # data.scale auto and no training split to resolve it on (run_ceiling resolves it on one): the evaluated images
     cfg = {**cfg, "data": {**cfg["data"], "scale": data_scale(cfg["data"]["scale"], records)}}
     post = postprocess_config({**(cfg.get("postprocess") or {}), **(post_cfg or {})})
     k = len(class_names)
@@ -157,10 +157,23 @@ def run_ceiling(cfg: dict, data: Optional[PathLike] = None, split: Optional[str]
     records = [r for r in ds.records if r.split == split] if split is not None else list(ds.records)
     if not records:
         raise DataError(f"{cfg['data']['path']}: no images in split {split!r} (splits found: {', '.join(ds.splits()) or 'none'})")
+    cfg = _scale_of_training(cfg, ds.records)
     result = ceiling(records, ds.class_names, cfg, post_cfg, blur, progress)
     result["split"] = split
     result["data"] = str(cfg["data"]["path"])
     return result
+
+
+def _scale_of_training(cfg: dict, records: Sequence[ImageRecord]) -> dict:
+    """``data.scale: auto`` resolved on the training split, as ``seg train`` resolves it, so that the
+    ceiling of the val or test images is measured at the scale the U-Net would train at; a data set
+    without that split keeps ``auto`` for :func:`ceiling` to resolve on the evaluated images."""
+    from .targets import AUTO_SCALE, data_scale
+
+    train = [r for r in records if r.split == cfg["data"].get("train_split")]
+    if cfg["data"].get("scale") != AUTO_SCALE or not train:
+        return cfg
+    return {**cfg, "data": {**cfg["data"], "scale": data_scale(AUTO_SCALE, train)}}
 
 
 def _load_all(cfg: dict, fmt: Optional[str]) -> Any:

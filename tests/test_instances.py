@@ -1,10 +1,13 @@
 """Instance heads: targets from masks / boxes, head-seeded watershed, label planes, ceiling (issue 11)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from skimage import draw
 
+from cytocore.records import ImageRecord
 from segmentation.ceiling import perfect_classes
 from segmentation.instance_targets import (
     centre_gaussians,
@@ -129,6 +132,31 @@ def test_ceiling_of_perfect_targets_on_generated_images(tmp_path):
     assert result["accuracy"] >= 0.97, result["froc"]
     assert result["detection_froc"] >= 0.97
     assert set(result) >= {"froc", "accuracy", "ap50", "n_images", "n_gt", "n_predictions"}
+
+
+def test_ceiling_resolves_scale_auto_on_the_training_split(monkeypatch):
+    """The ceiling of val must be measured at the scale the U-Net trains at, which ``seg train``
+    resolves on the train split's boxes, not at one resolved on the (here smaller) val cells."""
+    import segmentation.ceiling as ceiling_module
+    import segmentation.train as train_module
+    from cytocore.records import Dataset
+    from segmentation.train import load_seg_config
+
+    def record(name: str, side: float, split: str) -> ImageRecord:
+        boxes = [[10 * i, 0, 10 * i + side, side] for i in range(20)]
+        return ImageRecord(name, Path(f"{name}.png"), 4000, 400, boxes, np.ones((20, 1)), split=split)
+
+    ds = Dataset([record("t", 100.0, "train"), record("v", 12.0, "val")], ["cell"])
+    monkeypatch.setattr(train_module, "load_split_dataset", lambda cfg, fmt=None: ds)
+    seen = {}
+    monkeypatch.setattr(ceiling_module, "ceiling", lambda records, names, cfg, *a: seen.update(
+        scale=cfg["data"]["scale"], ids=[r.image_id for r in records]) or {})
+    cfg = load_seg_config()
+    assert cfg["data"]["scale"] == "auto"
+    ceiling_module.run_ceiling(cfg, data="d", split="val", progress=False)
+    assert seen == {"scale": 0.25, "ids": ["v"]}   # the train cells' 0.25, not val's 0.75
+    ceiling_module.run_ceiling({**cfg, "data": {**cfg["data"], "scale": 0.5}}, data="d", split="val", progress=False)
+    assert seen["scale"] == 0.5
 
 
 def test_seg_ceiling_cli_writes_json(tmp_path, capsys):
