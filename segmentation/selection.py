@@ -25,16 +25,52 @@ into 3-6 pieces (single-stage val FROC 0.63, test AP50 0.02); IoU counts such a 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from cytocore.records import ImageRecord
 
 from .postprocess import TUNED_KEYS, concrete_markers, encode_tuned, find_class_instances, find_instances, postprocess_config
 
 
 #: What the post-processing search maximises (``validation.box_metric``); the metric is logged as ``val_<name>``.
 BOX_METRICS = ("froc", "ap50")
+
+
+log = logging.getLogger("cytofuse")
+
+#: ``validation.tune.min_distance: auto``: the marker spacings tried, as fractions of the training
+#: cells' size (the 25th percentile of the boxes' shorter sides). The synthetic lung cells (20 px) get
+#: the [4, 7] px tuned on them; BCCD's red cells (86 px) get [17, 30], where its hand-set grid's winners
+#: were 28-40 and 4-7 px cut each red cell into pieces.
+AUTO_SPACING_FRACTIONS = (0.2, 0.35)
+#: The spacings for images without boxes to measure: the synthetic set's.
+FALLBACK_SPACINGS = (4, 7)
+
+
+def marker_spacings(value: Any, train_records: Sequence[ImageRecord]) -> list[int]:
+    """``validation.tune.min_distance`` as the pixel spacings (full size) the search tries.
+
+    ``min_distance`` is about the smallest cell's radius, so a fixed list fits one cell size: a user who
+    brings large cells with the default config would have them cut into pieces by a spacing meant for
+    nuclei, as ``data.scale: auto`` would otherwise have them trained at the nuclei's scale.
+    """
+    from .targets import AUTO_SCALE, box_short_sides
+
+    if value != AUTO_SCALE:
+        return [int(v) for v in value or []]
+    sides = box_short_sides(train_records)
+    if not len(sides):
+        log.info("validation.tune.min_distance auto: no training boxes to measure, so %s px", list(FALLBACK_SPACINGS))
+        return list(FALLBACK_SPACINGS)
+    size = float(np.percentile(sides, 25))
+    spacings = sorted({max(1, int(round(f * size))) for f in AUTO_SPACING_FRACTIONS})
+    log.info("validation.tune.min_distance auto: %s px (%s x %.0f px, the 25th percentile of the training boxes' "
+             "shorter sides)", spacings, " and ".join(f"{f:g}" for f in AUTO_SPACING_FRACTIONS), size)
+    return spacings
 
 
 @dataclass

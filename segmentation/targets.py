@@ -126,14 +126,21 @@ def data_scale(value: Any, train_records: Sequence[ImageRecord]) -> float:
     return scale
 
 
+def box_short_sides(records: Sequence[ImageRecord]) -> np.ndarray:
+    """The shorter side of every box of ``records`` (pixels at full size): the size of a cell that both
+    the training scale and the marker spacing follow."""
+    sides = [np.minimum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1]) for r in records if r.n_boxes]
+    return np.concatenate(sides) if sides else np.zeros(0, np.float32)
+
+
 def recommended_scale(records: Sequence[ImageRecord], min_pixels: float = MIN_CELL_PIXELS, percentile: float = 5.0,
                       step: float = 0.25) -> Optional[float]:
     """The smallest scale (a multiple of ``step``, at most 1) at which the ``percentile``-th smallest
     box side has ``min_pixels`` pixels; ``None`` without boxes."""
-    sides = [np.minimum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1]) for r in records if r.n_boxes]
-    if not sides:
+    sides = box_short_sides(records)
+    if not len(sides):
         return None
-    small = float(np.percentile(np.concatenate(sides), percentile))
+    small = float(np.percentile(sides, percentile))
     if small <= 0:
         return 1.0
     return float(min(1.0, max(step, np.ceil(min_pixels / small / step) * step)))

@@ -297,6 +297,14 @@ def check_config(cfg: dict) -> tuple[Any, dict]:
             ok = False
         if not ok:
             raise CytoFuseError(f"data.scale must be auto or a number in (0, 4], got {scale!r}")
+    spacing = (v.get("tune") or {}).get("min_distance")
+    if spacing not in (None, AUTO_SCALE):
+        try:
+            ok = isinstance(spacing, (list, tuple)) and all(int(x) == float(x) and int(x) >= 1 for x in spacing)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CytoFuseError(f"validation.tune.min_distance must be auto or a list of whole pixels >= 1, got {spacing!r}")
     model = resolve_model_config(cfg["model"])
     multiple = 2 ** (int(model["depth"]) - 1)
     _check_multiple(int(p["size"]), multiple, "patches.size")
@@ -374,9 +382,11 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
     batches = PatchBatches(sampler, batch, loop.steps_per_epoch, mode, build_augment(cfg["augment"]))
     tuner = None
     if v.get("froc", True):
-        from .selection import FrocTuner
+        from .selection import FrocTuner, marker_spacings
 
-        tuner = FrocTuner(cfg.get("postprocess"), v.get("tune"), head is not None, multiclass=mode == "classes",
+        tune = dict(v.get("tune") or {})
+        tune["min_distance"] = marker_spacings(tune.get("min_distance"), train_recs)
+        tuner = FrocTuner(cfg.get("postprocess"), tune, head is not None, multiclass=mode == "classes",
                           metric=str(v.get("box_metric", "froc")))
     validator = Validator(val_samples, int(v["tile"]), int(v["batch_size"]), mode, num_classes, ds.class_names,
                           float(v["threshold"]), bool(v["rand_error"]), model_cfg["instance_channels"], tuner)

@@ -140,6 +140,14 @@ def test_build_task_meta_and_validation(tmp_path):
     auto = build_task(load_seg_config(overrides=TINY + ["data.scale=auto"]), ds, progress=False).meta
     # the 8-14 px cells keep their size (the rule asks >= 8 px); the config keeps saying auto
     assert auto["scale"] == 1.0 and auto["config"]["data"]["scale"] == "auto"
+    # validation.tune.min_distance auto (the default): spacings from the train split's cells, not the fixed [4, 7]
+    from segmentation.selection import marker_spacings
+
+    train_recs = [r for r in ds.records if r.split == "train"]
+    assert cfg["validation"]["tune"]["min_distance"] == "auto"
+    assert setup.validator.tuner.grid["min_distance"] == sorted(set(marker_spacings("auto", train_recs)) | {7})
+    listed = build_task(load_seg_config(overrides=TINY + ["validation.tune.min_distance=[9, 11]"]), ds, progress=False)
+    assert listed.validator.tuner.grid["min_distance"] == [7, 9, 11]   # a list is taken as it is (7: postprocess's)
     classes = build_task(load_seg_config(overrides=TINY + ["targets.mode=classes", "loss.class_weights=auto"]), ds, progress=False)
     assert classes.meta["model"]["out_channels"] == 3 and classes.meta["mode"] == "classes"
     assert "val_dice_A" in classes.task.validate(classes.task.network)
@@ -257,6 +265,19 @@ def test_cli_seg_train_runs_end_to_end_on_synthetic_data(tmp_path, capsys):
     assert run(args + [x for s in sets for x in ("--set", s)]) == 2
     assert "--resume" in capsys.readouterr().err
     print(f"seg train CLI took {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("value", ["big", "[4, x]", "[0, 7]", "[4.5]", "7"])
+def test_a_bad_marker_spacing_list_is_one_clear_line(value):
+    """``validation.tune.min_distance`` is ``auto`` or whole pixels >= 1; anything else stops before any
+    data is read (before, a word or a fraction ended in a bare ``int()`` traceback after the data was loaded)."""
+    from cytocore.errors import CytoFuseError
+    from segmentation.train import check_config
+
+    with pytest.raises(CytoFuseError, match=r"^validation.tune.min_distance must be auto or a list of whole pixels") as info:
+        check_config(load_seg_config(overrides=TINY + [f"validation.tune.min_distance={value}"]))
+    assert "\n" not in str(info.value)
+    check_config(load_seg_config(overrides=TINY + ["validation.tune.min_distance=[4, 7]"]))
 
 
 @pytest.mark.parametrize("value", ["big", "0", "-0.5", "5", "null"])
