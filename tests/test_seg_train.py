@@ -145,9 +145,13 @@ def test_build_task_meta_and_validation(tmp_path):
 
     train_recs = [r for r in ds.records if r.split == "train"]
     assert cfg["validation"]["tune"]["min_distance"] == "auto"
-    assert setup.validator.tuner.grid["min_distance"] == sorted(set(marker_spacings("auto", train_recs)) | {7})
+    spacings = marker_spacings("auto", train_recs)
+    assert setup.validator.tuner.grid["min_distance"] == spacings   # the search starts at the larger one, not at 7
+    assert setup.validator.tuner.current["min_distance"] == max(spacings) != 7
     listed = build_task(load_seg_config(overrides=TINY + ["validation.tune.min_distance=[9, 11]"]), ds, progress=False)
     assert listed.validator.tuner.grid["min_distance"] == [7, 9, 11]   # a list is taken as it is (7: postprocess's)
+    set_start = build_task(load_seg_config(overrides=TINY + ["postprocess.min_distance=5"]), ds, progress=False)
+    assert set_start.validator.tuner.current["min_distance"] == 5   # a start the config sets is kept
     classes = build_task(load_seg_config(overrides=TINY + ["targets.mode=classes", "loss.class_weights=auto"]), ds, progress=False)
     assert classes.meta["model"]["out_channels"] == 3 and classes.meta["mode"] == "classes"
     assert "val_dice_A" in classes.task.validate(classes.task.network)
