@@ -382,15 +382,9 @@ def build_task(cfg: dict, ds: Dataset, progress: bool = True) -> SegSetup:
     batches = PatchBatches(sampler, batch, loop.steps_per_epoch, mode, build_augment(cfg["augment"]))
     tuner = None
     if v.get("froc", True):
-        from .selection import FrocTuner, marker_spacings
+        from .selection import FrocTuner, spacing_search
 
-        tune = dict(v.get("tune") or {})
-        post = dict(cfg.get("postprocess") or {})
-        tune["min_distance"] = marker_spacings(tune.get("min_distance"), train_recs)
-        if (v.get("tune") or {}).get("min_distance") == "auto" and "min_distance" not in post:
-            # The search moves one value at a time from its start: from 7 px on BCCD's U-Net it settled on the
-            # marker kind that ignores the spacing (val AP50 0.655 on 87 images); from 30 px, 0.713 (bccd.yaml's grid 0.715)
-            post["min_distance"] = max(tune["min_distance"])
+        tune, post = spacing_search(v.get("tune"), cfg.get("postprocess"), train_recs)
         tuner = FrocTuner(post, tune, head is not None, multiclass=mode == "classes",
                           metric=str(v.get("box_metric", "froc")))
     validator = Validator(val_samples, int(v["tile"]), int(v["batch_size"]), mode, num_classes, ds.class_names,
