@@ -7,6 +7,13 @@ suppress by *containment* (intersection over the smaller box), not only by IoU.
 
 NMS is class-agnostic: a cell is one object whatever its classes (the labels are multi-hot), so two
 boxes on one cell must collapse to one row carrying all of its class scores.
+
+What hard NMS leaves can still rank a cell twice: when post-processing offers several readings of one
+cell (a whole white cell and a lobe of it, IoU 0.2-0.5 with the whole), both survive, and a lobe the
+classifier likes sits above other images' whole cells in the ranking that AP and FROC read.
+:func:`soft_decay` (Gaussian soft-NMS, Bodla et al. 2017) lowers, class by class, each box's score by
+how much it overlaps a better box of that class, so such a box drops down the ranking instead of being
+dropped; ``cytofuse fuse fit`` chooses whether to use it, and how strongly, on validation images.
 """
 from __future__ import annotations
 
@@ -63,6 +70,38 @@ def nms(
             suppress |= contain > containment_threshold
         order = rest[~suppress]
     return np.asarray(keep, np.int64)
+
+
+#: How :func:`soft_decay` measures overlap: IoU, or intersection over the smaller box (a lobe inside
+#: its whole cell overlaps it fully by containment but only by its share of the area by IoU).
+SOFT_OVERLAPS: tuple[str, ...] = ("iou", "containment")
+
+
+def soft_decay(boxes: np.ndarray, scores: np.ndarray, sigma: float, overlap: str = "iou") -> np.ndarray:
+    """Gaussian soft-NMS, per class: ``(N, K)`` scores, each class's column decayed on its own.
+
+    In each column, boxes are visited best first (by the decayed score so far); every box after the
+    one visited keeps ``exp(-o² / sigma)`` of its score, ``o`` its overlap with the visited box. Per
+    class, because a red cell that overlaps a white one should not lose its red-cell score, and the
+    white one's piece should lose its white-cell score. Returns a new array; no row is removed.
+    """
+    if float(sigma) <= 0:
+        raise ValueError(f"soft-NMS sigma must be positive, got {sigma}")
+    if overlap not in SOFT_OVERLAPS:
+        raise ValueError(f"soft-NMS overlap must be one of {', '.join(SOFT_OVERLAPS)}, got {overlap!r}")
+    b = as_boxes(boxes)
+    out = np.array(scores, np.float64, copy=True).reshape(len(b), -1)
+    for c in range(out.shape[1]):
+        column = out[:, c]
+        rest = np.arange(len(b))
+        while len(rest) > 1:
+            top = int(np.argmax(column[rest]))
+            i = rest[top]
+            rest = np.delete(rest, top)
+            iou, contain = pairwise_overlaps(b[i], b[rest])
+            o = iou if overlap == "iou" else contain
+            column[rest] *= np.exp(-(o ** 2) / float(sigma))
+    return out
 
 
 def class_floors(floor: Union[float, Mapping[str, float], None], class_names: Sequence[str]) -> np.ndarray:

@@ -19,7 +19,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -33,8 +33,8 @@ from cytocore.runfolder import ImageSource, RunReport, folder_sources
 from cytocore.shards import Shard, run_share
 
 from .geometry import box_areas, cell_geometry, clip_boxes, shrink_boxes
-from .nms import class_floors, select_detections
-from .rules import SEMANTIC_RULES, SHAPE_RULES, FusionRule, fuse_scores
+from .nms import SOFT_OVERLAPS, class_floors, select_detections, soft_decay
+from .rules import SEMANTIC_RULES, SHAPE_RULES, FusionRule, apply_hierarchy, fuse_scores
 from .triage import TriageModel
 
 log = logging.getLogger("cytofuse")
@@ -91,7 +91,7 @@ def read_fusion_file(path: PathLike) -> dict:
 
 
 def apply_fusion_file(cfg: dict, path: PathLike) -> dict:
-    """The config with its ``fusion`` block (and ``box_shrink``) taken from a ``fusion.json``."""
+    """The config with its ``fusion`` block (and ``box_shrink`` and ``nms.soft``) taken from a ``fusion.json``."""
     data = read_fusion_file(path)
     out = copy.deepcopy(cfg)
     block = {k: v for k, v in data["fusion"].items() if k in ("rule", "weight", "hierarchy", "logistic", "specimen_k")}
@@ -100,6 +100,8 @@ def apply_fusion_file(cfg: dict, path: PathLike) -> dict:
         out["triage"] = data["triage"]
     if "box_shrink" in data:
         out["box_shrink"] = float(data["box_shrink"])
+    if "soft_nms" in data:  # fitted alongside the rule: null (off) replaces the config's own setting too
+        out["nms"] = {**(out.get("nms") or {}), "soft": data["soft_nms"]}
     out["fusion_source"] = str(path)
     return out
 
@@ -119,6 +121,8 @@ class DetectSettings:
     containment: Optional[float] = 0.8
     max_detections: Optional[int] = 300
     box_shrink: float = 1.0
+    soft_sigma: Optional[float] = None  # Gaussian soft-NMS after the hard one (fusion.nms.soft_decay); None = off
+    soft_overlap: str = "iou"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], class_names: Sequence[str]) -> "DetectSettings":
@@ -132,13 +136,47 @@ class DetectSettings:
         shrink = float(cfg.get("box_shrink", 1.0))
         if not 0.0 < shrink <= 2.0:
             raise CytoFuseError(f"config box_shrink: must be in (0, 2], got {shrink}")
+        sigma, overlap = soft_nms_setting(nms_cfg.get("soft"))
         return cls(
             floors=floors,
             iou=float(nms_cfg.get("iou", 0.5)),
             containment=None if containment is None else float(containment),
             max_detections=None if max_det is None else int(max_det),
             box_shrink=shrink,
+            soft_sigma=sigma,
+            soft_overlap=overlap,
         )
+
+    def with_choices(self, box_shrink: Optional[float] = None, soft: Optional[Mapping[str, Any]] = None) -> "DetectSettings":
+        """A copy with the box shrink and/or the soft-NMS setting (``{"sigma", "overlap"}``; an empty
+        mapping turns it off) replaced: what ``fuse fit`` tries."""
+        out = replace(self)
+        if box_shrink is not None:
+            out.box_shrink = float(box_shrink)
+        if soft is not None:
+            out.soft_sigma, out.soft_overlap = soft_nms_setting(soft or None)
+        return out
+
+
+def soft_nms_setting(block: Any) -> tuple[Optional[float], str]:
+    """``(sigma, overlap)`` from a config's ``nms.soft`` block (or fusion.json's ``soft_nms``); null = off."""
+    if block is None:
+        return None, "iou"
+    if not isinstance(block, Mapping):
+        raise CytoFuseError(f"config nms.soft: expected {{sigma: S, overlap: iou|containment}} or null, got {block!r}")
+    unknown = set(block) - {"sigma", "overlap"}
+    if unknown:
+        raise CytoFuseError(f"config nms.soft: unknown key(s) {', '.join(sorted(map(str, unknown)))}; it takes sigma and overlap")
+    try:
+        sigma = float(block.get("sigma"))
+    except (TypeError, ValueError):
+        raise CytoFuseError(f"config nms.soft.sigma: expected a positive number, got {block.get('sigma')!r}") from None
+    overlap = str(block.get("overlap", "iou"))
+    if not sigma > 0 or not np.isfinite(sigma):
+        raise CytoFuseError(f"config nms.soft.sigma: expected a positive number, got {block.get('sigma')!r}")
+    if overlap not in SOFT_OVERLAPS:
+        raise CytoFuseError(f"config nms.soft.overlap: expected one of {', '.join(SOFT_OVERLAPS)}, got {overlap!r}")
+    return sigma, overlap
 
 
 def choose_labels(scores: np.ndarray, class_names: Sequence[str], hierarchy: Mapping[str, Sequence[str]]) -> np.ndarray:
@@ -173,9 +211,9 @@ def detections_from_candidates(
 ) -> Detections:
     """Fuse, select (floor, NMS, cap), shrink and label one image's candidates.
 
-    NMS runs on the boxes as segmented; the shrink is applied to the survivors only, since it is a
-    reporting choice made for the metric, not a change of which object is which. ``label`` names
-    each detection's class, once.
+    NMS (and soft-NMS, when set) runs on the boxes as segmented; the shrink is applied to the survivors
+    only, since it is a reporting choice made for the metric, not a change of which object is which.
+    ``label`` names each detection's class, once.
     """
     geometry = (cell_geometry(candidates.boxes, candidates.object_area, width, height)
                 if rule.name in SHAPE_RULES else None)
@@ -183,10 +221,14 @@ def detections_from_candidates(
     keep = select_detections(
         candidates.boxes, fused, settings.floors, settings.iou, settings.containment, settings.max_detections
     )
-    boxes = clip_boxes(shrink_boxes(np.asarray(candidates.boxes, np.float64)[keep], settings.box_shrink), width, height)
-    valid = box_areas(boxes) > 0
-    keep, boxes = keep[valid], boxes[valid]
+    segmented = np.asarray(candidates.boxes, np.float64).reshape(-1, 4)[keep]
     scores = np.asarray(fused, np.float64).reshape(-1, len(class_names))[keep]
+    if settings.soft_sigma is not None and len(keep):
+        decayed = soft_decay(segmented, scores, settings.soft_sigma, settings.soft_overlap)
+        scores = apply_hierarchy(decayed, class_names, rule.hierarchy)  # a parent stays at least its children
+    boxes = clip_boxes(shrink_boxes(segmented, settings.box_shrink), width, height)
+    valid = box_areas(boxes) > 0
+    keep, boxes, scores = keep[valid], boxes[valid], scores[valid]
     inst = candidates.instances
     ids = (inst["label_id"].to_numpy(np.float64)[keep] if inst is not None and "label_id" in inst
            and len(inst) == len(candidates) else np.zeros(0))
