@@ -354,11 +354,6 @@ def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequ
     return out
 
 
-def soft_block(settings) -> Optional[dict]:
-    """A DetectSettings' soft-NMS as fusion.json and the config write it (None = off)."""
-    return None if settings.soft_sigma is None else {"sigma": float(settings.soft_sigma), "overlap": settings.soft_overlap}
-
-
 def describe_soft(soft: Optional[Mapping]) -> str:
     """``off`` or ``containment sigma 0.5``: how reports and logs name a soft-NMS setting."""
     return "off" if not soft else f"{soft['overlap']} sigma {soft['sigma']:g}"
@@ -368,7 +363,7 @@ def soft_nms_grid(settings, sigmas: Sequence[float]) -> list[Optional[dict]]:
     """The soft-NMS settings ``fuse fit`` compares: off, the config's own, then each sigma by each overlap."""
     from fusion.nms import SOFT_OVERLAPS
 
-    grid: list[Optional[dict]] = [None, soft_block(settings)]
+    grid: list[Optional[dict]] = [None, settings.soft_nms]
     grid += [{"sigma": float(s), "overlap": o} for o in SOFT_OVERLAPS for s in sigmas]
     return [g for k, g in enumerate(grid) if g not in grid[:k]]
 
@@ -450,10 +445,10 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         return {**out, "selection_score": selection_score(out, metric, judged)}
 
     # soft-NMS (off first, so it wins ties), then the box shrink with the soft-NMS chosen
-    soft_results = [{"soft_nms": soft, **measured(settings.with_choices(soft=soft or {}))}
+    soft_results = [{"soft_nms": soft, **measured(settings.with_choices(soft=soft))}
                     for soft in soft_nms_grid(settings, soft_sigmas)]
     best_soft = max(soft_results, key=lambda r: r["selection_score"] if r["selection_score"] is not None else -1)
-    softened = settings.with_choices(soft=best_soft["soft_nms"] or {})
+    softened = settings.with_choices(soft=best_soft["soft_nms"])
     shrink_results = [{"box_shrink": float(s), **measured(softened.with_choices(box_shrink=float(s)))} for s in shrinks]
     best_shrink = max(shrink_results, key=lambda r: (r["selection_score"] if r["selection_score"] is not None else -1,
                                                      -abs(r["box_shrink"] - 1.0)))
@@ -494,7 +489,7 @@ def fit_fusion(pipeline, dataset: Dataset, split: Optional[str] = "val", folds: 
         "logistic_note": logistic_note,
         "settings": {"score_floor": settings.floors.tolist(), "nms_iou": settings.iou, "nms_containment": settings.containment,
                      "max_detections": settings.max_detections, "config_box_shrink": settings.box_shrink,
-                     "config_soft_nms": soft_block(settings)},
+                     "config_soft_nms": settings.soft_nms},
         "checkpoints": {k: {"path": v["path"], "sha256": v["sha256"]} for k, v in info.items()},
         # what made the candidates (checkpoint hashes, post-processing and its hypotheses): a fit is only
         # valid for candidates made the same way

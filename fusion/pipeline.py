@@ -112,6 +112,10 @@ __all__ = ["Candidates", "Detections", "DetectSettings", "ImageResult", "Detecti
            "detections_from_candidates", "load_fusion_config"]
 
 
+#: ``DetectSettings.with_choices``: leave this setting as it is.
+_KEEP = object()
+
+
 @dataclass
 class DetectSettings:
     """The post-fusion selection and geometry options, read once from the config."""
@@ -147,13 +151,18 @@ class DetectSettings:
             soft_overlap=overlap,
         )
 
-    def with_choices(self, box_shrink: Optional[float] = None, soft: Optional[Mapping[str, Any]] = None) -> "DetectSettings":
-        """A copy with the box shrink and/or the soft-NMS setting (``{"sigma", "overlap"}``; an empty
-        mapping turns it off) replaced: what ``fuse fit`` tries."""
+    @property
+    def soft_nms(self) -> Optional[dict]:
+        """The soft-NMS setting as the config's ``nms.soft`` and fusion.json's ``soft_nms`` write it (None = off)."""
+        return None if self.soft_sigma is None else {"sigma": float(self.soft_sigma), "overlap": self.soft_overlap}
+
+    def with_choices(self, box_shrink: Optional[float] = None, soft: Any = _KEEP) -> "DetectSettings":
+        """A copy with the box shrink and/or the soft-NMS setting (``{"sigma", "overlap"}``, None = off)
+        replaced: what ``fuse fit`` tries."""
         out = replace(self)
         if box_shrink is not None:
             out.box_shrink = float(box_shrink)
-        if soft is not None:
+        if soft is not _KEEP:
             out.soft_sigma, out.soft_overlap = soft_nms_setting(soft or None)
         return out
 

@@ -13,6 +13,7 @@ from cytocore.records import Dataset, ImageRecord
 from fusion.nms import soft_decay
 from fusion.pipeline import Candidates, DetectSettings, apply_fusion_file, detections_from_candidates, load_fusion_config
 from fusion.rules import FusionRule
+from tests.test_fusion_fit import FakePipeline
 
 WHOLE = [0.0, 0.0, 40.0, 40.0]
 LOBE = [0.0, 0.0, 20.0, 20.0]  # inside WHOLE: IoU 0.25, containment 1
@@ -83,11 +84,11 @@ def test_fusion_json_soft_nms_replaces_the_config_setting(tmp_path):
 NAMES = ["A", "B"]
 
 
-class LobePipeline:
+class LobePipeline(FakePipeline):
     """Each cell is found whole and as a lobe (its left third: IoU 1/3, so no AP50 hit) that the
     classifier scores nearly as high; hard NMS at IoU 0.5 keeps both."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: Dataset):  # its own classes and config: FakePipeline supplies the checkpoints and identity
         self.class_names = list(NAMES)
         self.config = load_fusion_config({"score_floor": 0.0, "nms": {"containment": None}})
         self.rule = FusionRule.from_config(self.config["fusion"], NAMES)
@@ -105,16 +106,6 @@ class LobePipeline:
         probs = np.concatenate([labels * whole[:, None], labels * (whole * 0.95)[:, None]])
         return Candidates(np.zeros((0, 0), np.float32), np.concatenate([rec.boxes.astype(float), lobes]),
                           np.ones(2 * n), np.full(2 * n, 100.0), probs)
-
-    def checkpoint_info(self) -> dict:
-        return {"seg": {"path": "seg.ckpt", "sha256": "0" * 64}, "cls": {"path": "cls.ckpt", "sha256": "1" * 64}}
-
-    @property
-    def source(self) -> "LobePipeline":
-        return self
-
-    def identity(self) -> dict:
-        return {"checkpoints": self.checkpoint_info(), "settings": {"lobes": True}}
 
 
 def _dataset(tmp_path, n: int = 8) -> Dataset:
