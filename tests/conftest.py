@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -16,6 +17,22 @@ def shared_dataset(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data set {name!r} not found at {path} (set CYTOFUSE_SHARED_DATASETS)")
     return path
+
+
+def cell_row(side: float, n: int = 20, name: str = "im", split: Optional[str] = None):
+    """One wide image holding ``n`` square cells of ``side`` px: what the rules that follow cell size
+    (``data.scale: auto``, marker spacings) read."""
+    import numpy as np
+
+    from cytocore.records import ImageRecord
+
+    boxes = [[10 * i, 0, 10 * i + side, side] for i in range(n)]
+    return ImageRecord(name, Path(f"{name}.png"), 4000, 400, boxes, np.ones((n, 1)), split=split)
+
+
+def row_of_cells(side: float, n: int = 20) -> list:
+    """:func:`cell_row` as a one-image record list."""
+    return [cell_row(side, n)]
 
 
 _exit_status: dict = {}

@@ -1,13 +1,10 @@
 """Instance heads: targets from masks / boxes, head-seeded watershed, label planes, ceiling (issue 11)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from skimage import draw
 
-from cytocore.records import ImageRecord
 from segmentation.ceiling import perfect_classes
 from segmentation.instance_targets import (
     centre_gaussians,
@@ -142,11 +139,9 @@ def test_ceiling_resolves_scale_auto_on_the_training_split(monkeypatch):
     from cytocore.records import Dataset
     from segmentation.train import load_seg_config
 
-    def record(name: str, side: float, split: str) -> ImageRecord:
-        boxes = [[10 * i, 0, 10 * i + side, side] for i in range(20)]
-        return ImageRecord(name, Path(f"{name}.png"), 4000, 400, boxes, np.ones((20, 1)), split=split)
+    from tests.conftest import cell_row
 
-    ds = Dataset([record("t", 100.0, "train"), record("v", 12.0, "val")], ["cell"])
+    ds = Dataset([cell_row(100.0, name="t", split="train"), cell_row(12.0, name="v", split="val")], ["cell"])
     monkeypatch.setattr(train_module, "load_split_dataset", lambda cfg, fmt=None: ds)
     seen = {}
     monkeypatch.setattr(ceiling_module, "ceiling", lambda records, names, cfg, *a: seen.update(

@@ -8,6 +8,7 @@ import pytest
 from skimage import draw
 
 from cytocore.records import ImageRecord
+from tests.conftest import row_of_cells
 from segmentation.selection import FrocTuner, ValImage, marker_spacings, tune_grid
 
 
@@ -170,12 +171,8 @@ def test_the_chosen_checkpoint_is_re_tuned_on_every_validation_image(tmp_path):
 def test_auto_marker_spacings_follow_the_training_cells():
     """Spacings of ~0.2 and ~0.35 cell sizes: the synthetic cells' tuned [4, 7] px, and blood cells'
     [17, 30] where 4-7 px cut each red cell into pieces; a list is kept, no boxes fall back to [4, 7]."""
-    def records(side: float, n: int = 20) -> list:
-        boxes = [[10 * i, 0, 10 * i + side, side] for i in range(n)]
-        return [ImageRecord("im", Path("im.png"), 4000, 400, boxes, np.ones((n, 1)))]
-
-    assert marker_spacings("auto", records(20.0)) == [4, 7]
-    assert marker_spacings("auto", records(86.0)) == [17, 30]
-    assert marker_spacings("auto", records(2.0)) == [1]     # never below one pixel, no repeats
+    assert marker_spacings("auto", row_of_cells(20.0)) == [4, 7]
+    assert marker_spacings("auto", row_of_cells(86.0)) == [17, 30]
+    assert marker_spacings("auto", row_of_cells(2.0)) == [1]     # never below one pixel, no repeats
     assert marker_spacings("auto", [ImageRecord("h", Path("h.png"), 50, 50)]) == [4, 7]
-    assert marker_spacings([14, 28], records(86.0)) == [14, 28] and marker_spacings(None, records(20.0)) == []
+    assert marker_spacings([14, 28], row_of_cells(86.0)) == [14, 28] and marker_spacings(None, row_of_cells(20.0)) == []

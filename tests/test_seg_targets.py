@@ -9,6 +9,7 @@ from PIL import Image
 
 from cytocore.errors import DataError
 from cytocore.records import ImageRecord
+from tests.conftest import row_of_cells
 from segmentation.metrics import dice_iou
 from segmentation.targets import (
     RefineOptions,
@@ -175,12 +176,8 @@ def test_scale_auto_follows_the_cells_of_the_training_images():
     nuclei at 0.75, where one fixed scale suits only one of them; an image set without boxes keeps its size."""
     from segmentation.targets import data_scale
 
-    def records(side: float, n: int = 20) -> list:
-        boxes = [[10 * i, 0, 10 * i + side, side] for i in range(n)]
-        return [ImageRecord("im", Path("im.png"), 4000, 400, boxes, np.ones((n, 1)))]
-
-    assert data_scale("auto", records(100.0)) == 0.25   # 8 / 100 px, rounded up to a multiple of 0.25
-    assert data_scale("auto", records(12.0)) == 0.75    # 8 / 12 = 0.67 -> 0.75
-    assert data_scale("auto", records(5.0)) == 1.0      # never upsampled
+    assert data_scale("auto", row_of_cells(100.0)) == 0.25   # 8 / 100 px, rounded up to a multiple of 0.25
+    assert data_scale("auto", row_of_cells(12.0)) == 0.75    # 8 / 12 = 0.67 -> 0.75
+    assert data_scale("auto", row_of_cells(5.0)) == 1.0      # never upsampled
     assert data_scale("auto", [ImageRecord("h", Path("h.png"), 50, 50)]) == 1.0
-    assert data_scale(0.35, records(100.0)) == 0.35 and data_scale("0.5", []) == 0.5
+    assert data_scale(0.35, row_of_cells(100.0)) == 0.35 and data_scale("0.5", []) == 0.5
