@@ -329,7 +329,7 @@ def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Data
     """``cytofuse fuse fit`` on the val split, once: later runs reuse ``fusion.json`` while the
     candidates it was fitted on would be made the same way (checkpoints, post-processing and its
     hypotheses) and the metric it maximised is unchanged; a new ``infer.segmentation`` setting refits, and
-    so does a fusion.json written before fits chose soft-NMS."""
+    so does a fusion.json written before fits chose soft-NMS and each class's box factor."""
     from fusion.pipeline import Pipeline
 
     from .fuse_fit import candidates_fingerprint, describe_soft, fit_fusion
@@ -338,15 +338,17 @@ def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Data
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if (saved.get("candidates_fingerprint") == candidates_fingerprint(pipe) and saved.get("metric", "accuracy") == metric
-                and "soft_nms" in saved):
+                and "soft_nms" in saved and "box_shrink_by_class" in saved):
             log.info("    reusing %s (%s)", path, saved.get("selected"))
             return path
-        log.info("    %s was fitted on other candidates, by another metric or before fits chose soft-NMS: fitting again", path)
+        log.info("    %s was fitted on other candidates, by another metric or before fits chose soft-NMS and each "
+                 "class's box factor: fitting again", path)
     report = fit_fusion(pipe, ds, split=split, progress=progress, metric=metric)
     write_json(path, report)
     value = report["validation_ap50" if metric == "ap50" else "validation_accuracy"]
-    log.info("    fusion chosen on %s by %s: %s, box shrink %g, soft-NMS %s (val %s %s)", split, metric, report["selected"],
-             report["box_shrink"], describe_soft(report.get("soft_nms")), metric, "n/a" if value is None else f"{value:.4f}")
+    own = "".join(f", {c} {f:.4g}" for c, f in report["box_shrink_by_class"].items())
+    log.info("    fusion chosen on %s by %s: %s, box shrink %g%s, soft-NMS %s (val %s %s)", split, metric, report["selected"],
+             report["box_shrink"], own, describe_soft(report.get("soft_nms")), metric, "n/a" if value is None else f"{value:.4f}")
     return path
 
 

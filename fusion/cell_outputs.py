@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -44,13 +44,18 @@ def detection_outlines(
     threshold: float = 0.5,
     shrink: float = 1.0,
     tolerance: float = 1.0,
+    class_shrink: Optional[Mapping[str, float]] = None,
 ) -> list[Optional[np.ndarray]]:
-    """Closed x, y outline rings (level-0 px, inside each reported box), aligned with ``detections``' rows."""
+    """Closed x, y outline rings (level-0 px, inside each reported box), aligned with ``detections``' rows.
+
+    ``shrink`` (and ``class_shrink``, by each row's ``label``) is the factor the reported boxes were
+    scaled by, undone to find the cell's own extent."""
     rings: list[Optional[np.ndarray]] = []
     has_ids = labels is not None and "label_id" in detections.columns
+    by_class = dict(class_shrink or {})
     for row in detections.itertuples(index=False):
         report = (row.x0, row.y0, row.x1, row.y1)
-        box = _object_box(row, shrink, width, height)
+        box = _object_box(row, by_class.get(str(getattr(row, "label", "")), shrink), width, height)
         ring = None
         if has_ids and np.isfinite(row.label_id) and row.label_id > 0:
             ring = label_outline(labels, int(row.label_id), box, report_box=report, tolerance=tolerance)

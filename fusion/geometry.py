@@ -8,6 +8,8 @@ merge neighbours' hits, so the factor is configurable and its effect measured (`
 """
 from __future__ import annotations
 
+from typing import Union
+
 import numpy as np
 
 
@@ -21,21 +23,25 @@ def box_areas(boxes: np.ndarray) -> np.ndarray:
     return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
 
 
-def shrink_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
-    """Scale each box's width and height by ``factor`` about its centre.
+def shrink_boxes(boxes: np.ndarray, factor: Union[float, np.ndarray]) -> np.ndarray:
+    """Scale each box's width and height by ``factor`` (one for all, or one per box) about its centre.
 
     ``factor`` 1 returns the boxes unchanged; below 1 tightens them (what IoP rewards), above 1
-    enlarges them (allowed for experiments, up to 2).
+    enlarges them (a class whose annotators draw loose boxes, up to 2).
     """
-    if not (0.0 < float(factor) <= 2.0):
-        raise ValueError(f"box_shrink must be in (0, 2], got {factor}")
     b = as_boxes(boxes)
-    if factor == 1.0:
+    f = np.asarray(factor, np.float64)
+    if f.ndim and f.shape != (len(b),):
+        raise ValueError(f"{f.size} box_shrink factors for {len(b)} boxes")
+    if not ((f > 0.0) & (f <= 2.0)).all():
+        raise ValueError(f"box_shrink must be in (0, 2], got {factor}")
+    if (f == 1.0).all():
         return b.copy()
+    f = f.reshape(-1)  # (1,) or (N,): either scales every box's own width and height
     centre_x = (b[:, 0] + b[:, 2]) / 2.0
     centre_y = (b[:, 1] + b[:, 3]) / 2.0
-    half_w = (b[:, 2] - b[:, 0]) * (factor / 2.0)
-    half_h = (b[:, 3] - b[:, 1]) * (factor / 2.0)
+    half_w = (b[:, 2] - b[:, 0]) * (f / 2.0)
+    half_h = (b[:, 3] - b[:, 1]) * (f / 2.0)
     return np.stack([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h], axis=1)
 
 

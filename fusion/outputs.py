@@ -56,6 +56,7 @@ class DetectionRunWriter:
         self.floors = floors
         self.coco_gt = coco_gt  # number coco_results.json by this ground truth's ids (else our own)
         self.box_shrink = float(config.get("box_shrink", 1.0))
+        self.class_shrink = dict(config.get("box_shrink_by_class") or {})
         self.threshold = float(((config.get("segmentation") or {}).get("postprocess") or {}).get("threshold", 0.5))
 
     @property
@@ -101,7 +102,7 @@ class DetectionRunWriter:
         if self.geojson_on:
             outlines = detection_outlines(table, result.width, result.height, labels=labels,
                                           probability=result.probability, threshold=self.threshold,
-                                          shrink=self.box_shrink)
+                                          shrink=self.box_shrink, class_shrink=self.class_shrink)
             write_geojson(geojson, table, names, outlines=outlines, mpp=info.get("mpp"))
         if labels is not None and self.outputs.get("labels", True):
             write_label_image(labels_path, labels)

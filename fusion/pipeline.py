@@ -91,7 +91,8 @@ def read_fusion_file(path: PathLike) -> dict:
 
 
 def apply_fusion_file(cfg: dict, path: PathLike) -> dict:
-    """The config with its ``fusion`` block (and ``box_shrink`` and ``nms.soft``) taken from a ``fusion.json``."""
+    """The config with its ``fusion`` block (and ``box_shrink``, ``box_shrink_by_class`` and ``nms.soft``)
+    taken from a ``fusion.json``."""
     data = read_fusion_file(path)
     out = copy.deepcopy(cfg)
     block = {k: v for k, v in data["fusion"].items() if k in ("rule", "weight", "hierarchy", "logistic", "specimen_k")}
@@ -100,6 +101,8 @@ def apply_fusion_file(cfg: dict, path: PathLike) -> dict:
         out["triage"] = data["triage"]
     if "box_shrink" in data:
         out["box_shrink"] = float(data["box_shrink"])
+        # fitted with the global one: a fit without it (older, or none better) leaves each class at the global
+        out["box_shrink_by_class"] = dict(data.get("box_shrink_by_class") or {})
     if "soft_nms" in data:  # fitted alongside the rule: null (off) replaces the config's own setting too
         out["nms"] = {**(out.get("nms") or {}), "soft": data["soft_nms"]}
     out["fusion_source"] = str(path)
@@ -125,6 +128,9 @@ class DetectSettings:
     containment: Optional[float] = 0.8
     max_detections: Optional[int] = 300
     box_shrink: float = 1.0
+    #: a class's own factor for the boxes labelled with it (else ``box_shrink``): annotators box white
+    #: cells loosely and platelets tightly, and one factor for both fits neither
+    class_shrink: dict[str, float] = field(default_factory=dict)
     soft_sigma: Optional[float] = None  # Gaussian soft-NMS after the hard one (fusion.nms.soft_decay); None = off
     soft_overlap: str = "iou"
 
@@ -147,6 +153,7 @@ class DetectSettings:
             containment=None if containment is None else float(containment),
             max_detections=None if max_det is None else int(max_det),
             box_shrink=shrink,
+            class_shrink=class_shrink_setting(cfg.get("box_shrink_by_class"), class_names),
             soft_sigma=sigma,
             soft_overlap=overlap,
         )
@@ -156,15 +163,42 @@ class DetectSettings:
         """The soft-NMS setting as the config's ``nms.soft`` and fusion.json's ``soft_nms`` write it (None = off)."""
         return None if self.soft_sigma is None else {"sigma": float(self.soft_sigma), "overlap": self.soft_overlap}
 
-    def with_choices(self, box_shrink: Optional[float] = None, soft: Any = _KEEP) -> "DetectSettings":
-        """A copy with the box shrink and/or the soft-NMS setting (``{"sigma", "overlap"}``, None = off)
-        replaced: what ``fuse fit`` tries."""
-        out = replace(self)
+    def shrink_factors(self, labels: Sequence[str]) -> np.ndarray:
+        """Each detection's box factor, by its reported class."""
+        return np.array([self.class_shrink.get(str(c), self.box_shrink) for c in labels], np.float64)
+
+    def with_choices(self, box_shrink: Optional[float] = None, soft: Any = _KEEP,
+                     class_shrink: Optional[Mapping[str, float]] = None) -> "DetectSettings":
+        """A copy with the box shrink, the per-class factors and/or the soft-NMS setting
+        (``{"sigma", "overlap"}``, None = off) replaced: what ``fuse fit`` tries."""
+        out = replace(self, class_shrink=dict(self.class_shrink))
         if box_shrink is not None:
             out.box_shrink = float(box_shrink)
+        if class_shrink is not None:
+            out.class_shrink = {str(k): float(v) for k, v in class_shrink.items()}
         if soft is not _KEEP:
             out.soft_sigma, out.soft_overlap = soft_nms_setting(soft or None)
         return out
+
+
+def class_shrink_setting(block: Any, class_names: Sequence[str]) -> dict[str, float]:
+    """``{class: factor}`` from a config's ``box_shrink_by_class`` (or fusion.json's); null = none."""
+    if block is None:
+        return {}
+    if not isinstance(block, Mapping):
+        raise CytoFuseError(f"config box_shrink_by_class: expected {{class: factor}} or null, got {block!r}")
+    out = {}
+    for name, value in block.items():
+        if str(name) not in class_names:
+            raise CytoFuseError(f"config box_shrink_by_class: unknown class {name!r} (classes: {', '.join(class_names)})")
+        try:
+            factor = float(value)
+        except (TypeError, ValueError):
+            factor = float("nan")
+        if not 0.0 < factor <= 2.0:
+            raise CytoFuseError(f"config box_shrink_by_class.{name}: must be in (0, 2], got {value!r}")
+        out[str(name)] = factor
+    return out
 
 
 def soft_nms_setting(block: Any) -> tuple[Optional[float], str]:
@@ -235,15 +269,16 @@ def detections_from_candidates(
     if settings.soft_sigma is not None and len(keep):
         decayed = soft_decay(segmented, scores, settings.soft_sigma, settings.soft_overlap)
         scores = apply_hierarchy(decayed, class_names, rule.hierarchy)  # a parent stays at least its children
-    boxes = clip_boxes(shrink_boxes(segmented, settings.box_shrink), width, height)
+    labels = label(scores, list(class_names), rule.hierarchy)
+    boxes = clip_boxes(shrink_boxes(segmented, settings.shrink_factors(labels)), width, height)
     valid = box_areas(boxes) > 0
-    keep, boxes, scores = keep[valid], boxes[valid], scores[valid]
+    keep, boxes, scores, labels = keep[valid], boxes[valid], scores[valid], labels[valid]
     inst = candidates.instances
     ids = (inst["label_id"].to_numpy(np.float64)[keep] if inst is not None and "label_id" in inst
            and len(inst) == len(candidates) else np.zeros(0))
     return Detections(
         image_id=image_id, width=int(width), height=int(height), class_names=list(class_names), boxes=boxes,
-        scores=scores, labels=label(scores, list(class_names), rule.hierarchy),
+        scores=scores, labels=labels,
         seg_scores=np.asarray(candidates.seg_scores, np.float64)[keep],
         object_area=np.asarray(candidates.object_area, np.float64)[keep], label_ids=ids,
     )

@@ -601,3 +601,8 @@ def test_a_fitted_fusion_is_reused_only_for_candidates_made_the_same_way(tmp_pat
     assert len(calls) == 2 and json.loads(path.read_text())["candidates_fingerprint"]
     fit(other)
     assert len(calls) == 2
+    older = json.loads(path.read_text())  # a fit from before each class had its own box factor
+    del older["box_shrink_by_class"]
+    path.write_text(json.dumps(older))
+    fit(other)
+    assert len(calls) == 3 and "box_shrink_by_class" in json.loads(path.read_text())
