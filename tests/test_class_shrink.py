@@ -6,17 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cytocore.errors import CytoFuseError
-from cytocore.records import Dataset, ImageRecord
 from fusion.geometry import shrink_boxes
 from fusion.pipeline import (Candidates, DetectSettings, apply_fusion_file, detections_from_candidates,
                              load_fusion_config)
 from fusion.rules import FusionRule
-from tests.test_fusion_fit import FakePipeline
-
-NAMES = ["A", "B"]
+from tests.test_soft_nms import NAMES, TwoClassPipeline, _dataset
 
 
 def test_shrink_boxes_takes_one_factor_per_box():
@@ -60,17 +56,9 @@ def test_fusion_json_sets_the_class_factors(tmp_path):
     assert apply_fusion_file(cfg, path)["box_shrink_by_class"] == {}
 
 
-class MarginPipeline(FakePipeline):
+class MarginPipeline(TwoClassPipeline):
     """Cells found exactly, but class A's annotators drew each box 1.5 times the cell's width and height
     (IoU 0.44: no AP50 hit at the segmented extent)."""
-
-    def __init__(self, dataset: Dataset):  # its own classes and config: FakePipeline supplies the checkpoints and identity
-        self.class_names = list(NAMES)
-        self.config = load_fusion_config({"score_floor": 0.0})
-        self.rule = FusionRule.from_config(self.config["fusion"], NAMES)
-        self.settings = DetectSettings.from_config(self.config, NAMES)
-        self._records = {int(r.path.stem.split("_")[1]): r for r in dataset}
-        self._rng = np.random.default_rng(2)
 
     def candidates(self, image: np.ndarray) -> Candidates:
         rec = self._records[int(image[0, 0, 0])]
@@ -81,19 +69,6 @@ class MarginPipeline(FakePipeline):
         cells[a] = shrink_boxes(cells[a], 1 / 1.5)
         probs = labels * self._rng.uniform(0.5, 0.95, (n, 1)) + (1 - labels) * 0.05
         return Candidates(np.zeros((0, 0), np.float32), cells, np.ones(n), np.full(n, 100.0), probs)
-
-
-def _dataset(tmp_path, n: int = 8) -> Dataset:
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(n):
-        path = tmp_path / f"im_{i}.png"
-        Image.fromarray(np.full((100, 140, 3), i, np.uint8)).save(path)
-        x = np.arange(3) * 45.0 + 4
-        boxes = np.stack([x, np.full(3, 20.0), x + 36, np.full(3, 56.0)], axis=1)
-        labels = np.eye(2, dtype=np.uint8)[rng.integers(0, 2, 3)]
-        records.append(ImageRecord(f"im_{i}", path, 140, 100, boxes=boxes, labels=labels, split="val"))
-    return Dataset(records, list(NAMES), root=tmp_path, format="challenge")
 
 
 def test_fuse_fit_grows_the_boxes_of_a_class_boxed_with_a_margin(tmp_path):

@@ -3,6 +3,7 @@ and ``fuse fit`` turns it on only when it raises the validation figure."""
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -84,17 +85,25 @@ def test_fusion_json_soft_nms_replaces_the_config_setting(tmp_path):
 NAMES = ["A", "B"]
 
 
-class LobePipeline(FakePipeline):
-    """Each cell is found whole and as a lobe (its left third: IoU 1/3, so no AP50 hit) that the
-    classifier scores nearly as high; hard NMS at IoU 0.5 keeps both."""
+class TwoClassPipeline(FakePipeline):
+    """Classes A and B with hand-made candidates per record (``candidates`` in each subclass);
+    FakePipeline supplies the checkpoints and identity."""
 
-    def __init__(self, dataset: Dataset):  # its own classes and config: FakePipeline supplies the checkpoints and identity
+    def __init__(self, dataset: Dataset, config: Optional[dict] = None, seed: int = 1):
         self.class_names = list(NAMES)
-        self.config = load_fusion_config({"score_floor": 0.0, "nms": {"containment": None}})
+        self.config = load_fusion_config({"score_floor": 0.0, **(config or {})})
         self.rule = FusionRule.from_config(self.config["fusion"], NAMES)
         self.settings = DetectSettings.from_config(self.config, NAMES)
         self._records = {int(r.path.stem.split("_")[1]): r for r in dataset}
-        self._rng = np.random.default_rng(1)
+        self._rng = np.random.default_rng(seed)
+
+
+class LobePipeline(TwoClassPipeline):
+    """Each cell is found whole and as a lobe (its left third: IoU 1/3, so no AP50 hit) that the
+    classifier scores nearly as high; hard NMS at IoU 0.5 keeps both."""
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, {"nms": {"containment": None}})
 
     def candidates(self, image: np.ndarray) -> Candidates:
         rec = self._records[int(image[0, 0, 0])]
