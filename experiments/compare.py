@@ -332,7 +332,7 @@ def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Data
     so does a fusion.json written before fits chose soft-NMS and each class's box factor."""
     from fusion.pipeline import Pipeline
 
-    from .fuse_fit import candidates_fingerprint, describe_soft, fit_fusion
+    from .fuse_fit import candidates_fingerprint, describe_class_shrink, describe_soft, fit_fusion
 
     pipe = Pipeline(seg_ckpt, cls_ckpt, icfg, classes=ds.class_names)
     if path.is_file():
@@ -346,9 +346,10 @@ def fit_fusion_file(seg_ckpt: PathLike, cls_ckpt: PathLike, icfg: dict, ds: Data
     report = fit_fusion(pipe, ds, split=split, progress=progress, metric=metric)
     write_json(path, report)
     value = report["validation_ap50" if metric == "ap50" else "validation_accuracy"]
-    own = "".join(f", {c} {f:.4g}" for c, f in report["box_shrink_by_class"].items())
+    own = describe_class_shrink(report["box_shrink_by_class"])
     log.info("    fusion chosen on %s by %s: %s, box shrink %g%s, soft-NMS %s (val %s %s)", split, metric, report["selected"],
-             report["box_shrink"], own, describe_soft(report.get("soft_nms")), metric, "n/a" if value is None else f"{value:.4f}")
+             report["box_shrink"], f", {own}" if own else "", describe_soft(report.get("soft_nms")), metric,
+             "n/a" if value is None else f"{value:.4f}")
     return path
 
 

@@ -115,6 +115,16 @@ def _floats(text: str, what: str) -> list[float]:
     return values
 
 
+def _optional_grid(text: str, what: str, noun: str) -> tuple[float, ...]:
+    """Positive numbers separated by commas, or ``none`` for an empty grid (that choice switched off)."""
+    if text.strip().lower() == "none":
+        return ()
+    values = _floats(text, what)
+    if any(v <= 0 for v in values):
+        raise DataError(f"--{what}: every {noun} must be positive, got {text!r}")
+    return tuple(values)
+
+
 def _fit(args: argparse.Namespace) -> int:
     from cytocore.atomic import write_json
     from cytocore.readers import load_dataset
@@ -122,12 +132,8 @@ def _fit(args: argparse.Namespace) -> int:
     from fusion.pipeline import Pipeline
 
     shrinks = _floats(args.shrink, "shrink")
-    sigmas = () if args.soft_sigmas.strip().lower() == "none" else _floats(args.soft_sigmas, "soft-sigmas")
-    if any(v <= 0 for v in sigmas):
-        raise DataError(f"--soft-sigmas: every sigma must be positive, got {args.soft_sigmas!r}")
-    scales = () if args.class_scales.strip().lower() == "none" else _floats(args.class_scales, "class-scales")
-    if any(v <= 0 for v in scales):
-        raise DataError(f"--class-scales: every multiple must be positive, got {args.class_scales!r}")
+    sigmas = _optional_grid(args.soft_sigmas, "soft-sigmas", "sigma")
+    scales = _optional_grid(args.class_scales, "class-scales", "multiple")
     overrides = list(args.overrides) + ([f"runtime.threads={int(args.threads)}"] if args.threads else [])
     pipeline = Pipeline(args.seg, args.cls, args.config, classes=parse_classes(args.classes), overrides=overrides)
     dataset = load_dataset(args.data, format=args.format, class_names=pipeline.class_names)
@@ -367,6 +373,11 @@ def fit_image_triage(cands: Mapping, records: Sequence[ImageRecord], names: Sequ
     return out
 
 
+def describe_class_shrink(factors: Optional[Mapping[str, float]]) -> str:
+    """``RBC 1.1, WBC 1.05`` (empty when every class keeps the global factor): how reports and logs name them."""
+    return ", ".join(f"{c} {f:.4g}" for c, f in (factors or {}).items())
+
+
 def describe_soft(soft: Optional[Mapping]) -> str:
     """``off`` or ``containment sigma 0.5``: how reports and logs name a soft-NMS setting."""
     return "off" if not soft else f"{soft['overlap']} sigma {soft['sigma']:g}"
@@ -567,7 +578,7 @@ def format_report(report: dict) -> str:
         lines.append(f"each class's own box factor (kept where it raises the figure by {CLASS_SHRINK_MIN_GAIN:g} or more):")
         for r in report["class_shrink_results"]:
             lines.append(f"  {r['class']:<12} {r['factor']:<6.4g} accuracy {num(r['accuracy'])}  AP50 {num(r.get('ap50'))}")
-    own = ", ".join(f"{c} {f:.4g}" for c, f in (report.get("box_shrink_by_class") or {}).items())
+    own = describe_class_shrink(report.get("box_shrink_by_class"))
     lines.append(f"chosen by {report.get('metric', 'accuracy')}: {report['selected']} with box_shrink {report['box_shrink']:g}"
                  f"{f' ({own})' if own else ''}, "
                  f"soft-NMS {describe_soft(report.get('soft_nms'))} "

@@ -143,9 +143,7 @@ class DetectSettings:
             raise CytoFuseError(f"config score_floor: {exc}") from None
         containment = nms_cfg.get("containment")
         max_det = cfg.get("max_detections")
-        shrink = float(cfg.get("box_shrink", 1.0))
-        if not 0.0 < shrink <= 2.0:
-            raise CytoFuseError(f"config box_shrink: must be in (0, 2], got {shrink}")
+        shrink = box_factor(cfg.get("box_shrink", 1.0), "box_shrink")
         sigma, overlap = soft_nms_setting(nms_cfg.get("soft"))
         return cls(
             floors=floors,
@@ -191,14 +189,19 @@ def class_shrink_setting(block: Any, class_names: Sequence[str]) -> dict[str, fl
     for name, value in block.items():
         if str(name) not in class_names:
             raise CytoFuseError(f"config box_shrink_by_class: unknown class {name!r} (classes: {', '.join(class_names)})")
-        try:
-            factor = float(value)
-        except (TypeError, ValueError):
-            factor = float("nan")
-        if not 0.0 < factor <= 2.0:
-            raise CytoFuseError(f"config box_shrink_by_class.{name}: must be in (0, 2], got {value!r}")
-        out[str(name)] = factor
+        out[str(name)] = box_factor(value, f"box_shrink_by_class.{name}")
     return out
+
+
+def box_factor(value: Any, key: str) -> float:
+    """A box scale factor from the config's ``key``: a number in (0, 2], else one clear error line."""
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        factor = float("nan")
+    if not 0.0 < factor <= 2.0:
+        raise CytoFuseError(f"config {key}: must be in (0, 2], got {value!r}")
+    return factor
 
 
 def soft_nms_setting(block: Any) -> tuple[Optional[float], str]:

@@ -47,6 +47,12 @@ def test_a_bad_class_factor_is_one_clear_line(block, words):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("value", [0, 2.5, "wide"])
+def test_a_bad_box_shrink_is_one_clear_line(value):
+    with pytest.raises(CytoFuseError, match=r"config box_shrink: must be in \(0, 2\]"):
+        DetectSettings.from_config(load_fusion_config({"box_shrink": value}), NAMES)
+
+
 def test_fusion_json_sets_the_class_factors(tmp_path):
     cfg = load_fusion_config({"box_shrink_by_class": {"B": 0.8}})
     path = tmp_path / "fusion.json"
